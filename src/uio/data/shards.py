@@ -560,33 +560,67 @@ def partition(num_shards: int, part: int, num_parts: int) -> tuple[list[int], in
     return list(range(num_shards)), num_parts, part
 
 
-def iter_tar(url: str, stats: ReadStats, handler: Callable[[Exception], None] | None = None) -> Iterator[RawSample]:
+class _TailReader:
+    """File wrapper that counts bytes and keeps the last ``keep`` of them (end-of-archive check)."""
+
+    def __init__(self, f, keep: int = 1 << 16):
+        self.f, self.keep, self.pos, self.tail, self.tail_start = f, keep, 0, bytearray(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.pos += len(data)
+        self.tail += data
+        if len(self.tail) > 2 * self.keep:
+            cut = len(self.tail) - self.keep
+            del self.tail[:cut]
+            self.tail_start += cut
+        return data
+
+    def block(self, offset: int, size: int) -> bytes:
+        while self.pos < offset + size and self.read(1 << 16):
+            pass
+        lo = offset - self.tail_start
+        return bytes(self.tail[lo:lo + size]) if lo >= 0 else b""
+
+
+def iter_tar(url: str, stats: ReadStats) -> Iterator[RawSample]:
     """Raw samples ``{"__key__", "__url__", suffix: bytes}`` of one shard, grouped by key.
 
-    A shard that cannot be opened or is truncated is counted in ``stats.corrupt_shards`` (the
-    samples read before the damage are kept)."""
+    A shard that cannot be opened, is truncated or lacks the end-of-archive marker is counted in
+    ``stats.corrupt_shards`` and logged (the complete samples read before the damage are kept)."""
     current: RawSample | None = None
     try:
-        with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                name = info.name.rsplit("/", 1)[-1]
-                key, dot, suffix = name.partition(".")
-                if not dot:
-                    continue
-                data = tar.extractfile(info).read()
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[suffix.lower()] = data
+        with wds.gopen(url, "rb") as stream:
+            reader = _TailReader(stream)
+            with tarfile.open(fileobj=reader, mode="r|*") as tar:
+                for info in tar:
+                    if not info.isreg():
+                        continue
+                    name = info.name.rsplit("/", 1)[-1]
+                    key, dot, suffix = name.partition(".")
+                    if not dot:
+                        continue
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
+                    if current is not None and current["__key__"] != key:
+                        yield current
+                        current = None
+                    if current is None:
+                        current = {"__key__": key, "__url__": url}
+                    current[suffix.lower()] = data
+                # tarfile ends quietly on a truncated or garbled header: check for the two zero blocks
+                if getattr(tar.fileobj, "comptype", "tar") == "tar":
+                    end = reader.block(tar.offset, 2 * tarfile.BLOCKSIZE)
+                    if len(end) < 2 * tarfile.BLOCKSIZE or any(end):
+                        raise tarfile.ReadError(f"no end-of-archive marker at byte {tar.offset} (truncated shard)")
     except Exception as e:  # unreadable / truncated shard: keep what was read, count it
         stats.corrupt_shards += 1
         stats.reasons[f"shard: {type(e).__name__}"] += 1
         _log_corrupt(stats, f"shard {url}", f"{type(e).__name__}: {e}")
-        current = None  # its last sample may be incomplete
+        if current is not None and "json" in current:
+            yield current  # its members before the damage are complete; decode decides
+        current = None
     if current is not None:
         yield current
 
