@@ -1,3 +1,5 @@
 __version__ = "0.1.0"
 
 from uio.image_tokenizer import VQGAN, ImageTokenizer  # noqa: E402
+from uio import tasks  # noqa: E402
+from uio.tasks import get_task  # noqa: E402
