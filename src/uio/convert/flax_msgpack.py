@@ -432,6 +432,8 @@ def _write_ndarray(fh: BinaryIO, arr: np.ndarray, code: int = EXT_NDARRAY) -> No
 
 
 def _write_tree(fh: BinaryIO, tree: Any, packer: msgpack.Packer, max_chunk: int) -> None:
+    if callable(tree):  # a lazy leaf: produced only now, so huge trees stream one array at a time
+        tree = tree()
     if isinstance(tree, torch.Tensor):
         tree = tree.detach().cpu().numpy()
     if isinstance(tree, Mapping):
@@ -476,7 +478,8 @@ def _write_tree(fh: BinaryIO, tree: Any, packer: msgpack.Packer, max_chunk: int)
 def write_flax_msgpack(tree: Mapping[str, Any], path: str | os.PathLike, max_chunk_size: int = MAX_CHUNK_SIZE) -> Path:
     """Write ``tree`` (nested dicts of numpy arrays / tensors / scalars) as Flax's msgpack bytes.
 
-    Streams leaf by leaf, so writing a full-size checkpoint needs no second copy of it in memory.
+    Streams leaf by leaf; a leaf may also be a zero-argument callable that returns the array, so
+    a full-size checkpoint can be written without ever holding it in memory.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
