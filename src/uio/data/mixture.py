@@ -342,9 +342,12 @@ class MixtureProgress:
     seed: int = 0
     draws: dict[int, list[int]] = field(default_factory=dict)  # rank -> [draws per logical worker]
     next_worker: dict[int, int] = field(default_factory=dict)  # rank -> logical worker due next
+    corrupt: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # running counts, not saved
 
     def observe(self, info: Mapping[str, Any]) -> None:
         r, w, d = int(info["rank"]), int(info["worker"]), int(info["draw"])
+        old = self.corrupt.get((r, w), (0, 0))
+        self.corrupt[(r, w)] = (max(old[0], int(info.get("corrupt", 0))), max(old[1], int(info.get("corrupt_shards", 0))))
         if info.get("num_workers", self.num_workers) != self.num_workers:
             self.num_workers = int(info["num_workers"])
         row = self.draws.setdefault(r, [0] * self.num_workers)
@@ -370,6 +373,11 @@ class MixtureProgress:
         """Take the entries of ranks that ``other`` knows (gathering per-rank states)."""
         self.draws.update(other.draws)
         self.next_worker.update(other.next_worker)
+
+    def corrupt_totals(self) -> dict[str, int]:
+        """Corrupt samples and shards the readers reported in the samples observed so far."""
+        return {"corrupt": sum(c for c, _ in self.corrupt.values()),
+                "corrupt_shards": sum(s for _, s in self.corrupt.values())}
 
     @property
     def total_draws(self) -> int:
