@@ -1,0 +1,196 @@
+"""Transformer building blocks of the Unified-IO network (T5 v1.1 flavour).
+
+- :class:`RMSNorm`: T5's LayerNorm -- no mean subtraction, no bias, computed in float32, eps 1e-6.
+- :class:`MlpBlock`: gated GELU, ``wo(gelu_tanh(wi_0 x) * wi_1 x)``, no biases (Flax ``nn.gelu`` is
+  the tanh approximation by default; the exact erf GELU measurably breaks parity).
+- :class:`Attention`: multi-head attention with ``head_dim`` independent of ``d_model``, no biases
+  and **no** 1/sqrt(head_dim) scaling of the logits (T5 folds it into the query initialisation).
+  It runs through :func:`torch.nn.functional.scaled_dot_product_attention` with an additive bias
+  (masks as -1e10 plus position biases) and ``scale=1``.
+- :class:`KVCache`: preallocated static key/value cache for incremental decoding.
+
+Parameter names follow the Flax modules (``query/key/value/out``, ``wi_0/wi_1/wo``); PyTorch
+``Linear.weight`` is the transpose of the Flax ``kernel``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NEG_INF = -1e10  # additive mask value of the original (a fully masked row stays finite: uniform)
+
+
+class RMSNorm(nn.Module):
+    """T5 LayerNorm: ``x / sqrt(mean(x^2) + eps) * weight`` in float32, cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(dtype) * self.weight.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class MlpBlock(nn.Module):
+    """Gated-GELU feed-forward block: ``wo(gelu_tanh(wi_0 x) * wi_1 x)``."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.wi_0 = nn.Linear(d_model, d_ff, bias=False)
+        self.wi_1 = nn.Linear(d_model, d_ff, bias=False)
+        self.wo = nn.Linear(d_ff, d_model, bias=False)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)  # (B, L, d_ff)
+        if self.dropout and self.training:
+            h = F.dropout(h, self.dropout, True)
+        return self.wo(h)
+
+
+@dataclass
+class KVCache:
+    """Static per-layer key/value cache: ``keys[i]``/``values[i]`` are (B, H, L_max, Dh).
+
+    Written in place at Python-int slots, so a decoding step does no host synchronisation.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, num_layers: int, batch: int, heads: int, length: int, head_dim: int,
+              dtype: torch.dtype, device: torch.device) -> "KVCache":
+        # zeros, not empty: unwritten slots are masked, but NaN garbage would survive the mask
+        shape = (batch, heads, length, head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+
+    def reorder(self, index: torch.Tensor, upto: int) -> None:
+        """Beam search: row ``r`` takes the first ``upto`` slots of row ``index[r]``."""
+        for t in self.keys + self.values:
+            t[:, :, :upto] = t[index, :, :upto]
+
+
+class Attention(nn.Module):
+    """Multi-head attention without biases or logit scaling, through SDPA with an additive bias.
+
+    ``query/key/value``: d_model -> heads*head_dim; ``out``: heads*head_dim -> d_model.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, head_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        inner = num_heads * head_dim
+        self.query = nn.Linear(d_model, inner, bias=False)
+        self.key = nn.Linear(d_model, inner, bias=False)
+        self.value = nn.Linear(d_model, inner, bias=False)
+        self.out = nn.Linear(inner, d_model, bias=False)
+        self.dropout = dropout
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        return x.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, L, Dh) of ``x`` (B, L, d)."""
+        return self._heads(self.key(x)), self._heads(self.value(x))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """q (B, H, Lq, Dh), k/v (B, H, Lk, Dh), bias broadcastable to (B, H, Lq, Lk) -> (B, Lq, H*Dh)."""
+        p = self.dropout if self.training else 0.0
+        if bias is not None and bias.dtype not in (q.dtype, torch.float32, torch.bool):
+            bias = bias.to(q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)  # (B, H, Lq, Dh)
+        b, _, lq, _ = o.shape
+        return o.transpose(1, 2).reshape(b, lq, self.num_heads * self.head_dim)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Self-attention over ``x`` (B, L, d) with an additive ``bias`` (B|1, H|1, L, L)."""
+        q = self._heads(self.query(x))
+        k, v = self.project_kv(x)
+        return self.out(self.attend(q, k, v, bias))
+
+    def cross(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Cross-attention of ``x`` (B*G, Lq, d) to precomputed k/v (B, H, Lk, Dh).
+
+        ``G`` rows of ``x`` (beams, answer options) share one encoder row: their queries are
+        stacked along the query axis, so the encoder keys are neither copied nor re-projected.
+        ``bias``: (B, 1|H, 1|Lq*G, Lk).
+        """
+        b = k.shape[0]
+        bg, lq, _ = x.shape
+        if bg % b:
+            raise ValueError(f"cross-attention: {bg} query rows do not group over {b} encoder rows")
+        g = bg // b
+        q = self._heads(self.query(x))  # (B*G, H, Lq, Dh)
+        if g > 1:
+            q = q.view(b, g, self.num_heads, lq, self.head_dim).transpose(1, 2).reshape(
+                b, self.num_heads, g * lq, self.head_dim)
+        o = self.attend(q, k, v, bias)  # (B, G*Lq, H*Dh)
+        if g > 1:
+            o = o.view(b, g, lq, -1).reshape(bg, lq, -1)
+        return self.out(o)
+
+    def prefill(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int,
+                bias: torch.Tensor) -> torch.Tensor:
+        """Positions ``[start, start+L)`` at once (teacher forcing into the cache); ``bias`` is
+        (B|1, H|1, L, start+L)."""
+        n = x.shape[1]
+        q = self._heads(self.query(x))
+        k, v = self.project_kv(x)
+        cache_k[:, :, start : start + n] = k
+        cache_v[:, :, start : start + n] = v
+        return self.out(self.attend(q, cache_k[:, :, : start + n], cache_v[:, :, : start + n], bias))
+
+
+# ---- initialisers (Flax / Mesh-TF conventions) -----------------------------------------------
+def trunc_normal_fan_in_(w: torch.Tensor, fan_in: int, scale: float = 1.0) -> torch.Tensor:
+    """``variance_scaling(scale, 'fan_in', 'truncated_normal')``: truncated at 2 std, with the
+    std corrected so the truncated distribution has variance ``scale / fan_in``."""
+    std = math.sqrt(scale / fan_in) / 0.87962566103423978
+    return nn.init.trunc_normal_(w, 0.0, std, -2 * std, 2 * std)
+
+
+def normal_fan_in_(w: torch.Tensor, fan_in: int, scale: float = 1.0) -> torch.Tensor:
+    """``variance_scaling(scale, 'fan_in', 'normal')`` (plain normal)."""
+    return nn.init.normal_(w, 0.0, math.sqrt(scale / fan_in))
+
+
+def uniform_fan_avg_(w: torch.Tensor, fan_in: int, fan_out: int, scale: float = 1.0) -> torch.Tensor:
+    """``variance_scaling(scale, 'fan_avg', 'uniform')``."""
+    limit = math.sqrt(3.0 * scale / ((fan_in + fan_out) / 2))
+    return nn.init.uniform_(w, -limit, limit)
+
+
+def init_attention_(attn: Attention) -> None:
+    """T5X attention init: fan-in normal for q/k/v/out, the query divided by sqrt(head_dim)."""
+    d_model = attn.query.in_features
+    inner = attn.out.in_features
+    normal_fan_in_(attn.query.weight, d_model)
+    with torch.no_grad():
+        attn.query.weight.div_(math.sqrt(attn.head_dim))
+    normal_fan_in_(attn.key.weight, d_model)
+    normal_fan_in_(attn.value.weight, d_model)
+    normal_fan_in_(attn.out.weight, inner)
+
+
+def init_mlp_(mlp: MlpBlock) -> None:
+    """T5X MLP init: truncated-normal fan-in for wi_0, wi_1 and wo."""
+    for lin in (mlp.wi_0, mlp.wi_1, mlp.wo):
+        trunc_normal_fan_in_(lin.weight, lin.in_features)
