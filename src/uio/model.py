@@ -1,0 +1,399 @@
+"""``uio.Model``: the Unified-IO network with its frozen image tokenizer and its text tokenizer.
+
+>>> cfg = ModelConfig.from_size("tiny", text_vocab=500, image_input_size=(64, 64), image_target_grid=(4, 4))
+>>> model = Model(cfg)                      # initialised (T5X init) unless built on the meta device
+>>> out = model(batch)                      # batch: the dict of docs/design.md (contract 3)
+>>> out.loss.backward()
+>>> gen = model.generate(batch, max_text_len=16, method="beam", num_beams=4)
+>>> scores = model.score_options(batch, [tok.encode("yes"), tok.encode("no")])   # (B, 2)
+
+Batches follow contract 3 of ``docs/design.md``. Image targets are either pixels
+(``image_targets``, tokenised here by the frozen image tokenizer under ``no_grad``) or
+pre-computed codes (``image_target_codes``); the decoder then runs on ``[text slots] + [image
+slots]``. The loss is the token cross-entropy under the modality masks (text slots over text ids,
+image slots over image ids), averaged over every valid target token of the batch.
+
+``save_pretrained(dir)`` writes ``model.safetensors`` (network weights, and the image tokenizer's
+under ``image_tokenizer.``), ``config.json`` (the :class:`ModelConfig`, whose ``image_tokenizer``
+field holds the tokenizer's spec) and the text tokenizer's ``spiece.model``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from uio.config import ModelConfig
+from uio.modeling.generation import AllowedTokens, GenerationOutput, Options
+from uio.modeling.generation import generate as _generate
+from uio.modeling.generation import score_options as _score_options
+from uio.modeling.generation import token_log_probs
+from uio.modeling.network import EncoderOutput, UnifiedIONetwork
+from uio.vocab import Vocab
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class ModelOutput:
+    """``loss``: mean token cross-entropy over all valid targets; ``per_example_loss`` (B,): mean
+    over each row's targets (0 for a row without any); ``text_loss``/``image_loss``: mean over the
+    batch's text / image target tokens (0 when there are none); ``num_text_tokens`` /
+    ``num_image_tokens``: how many were counted; ``logits`` (B, Ld+Ni, V) with the modality masks,
+    only when ``return_logits=True`` (they are large)."""
+
+    loss: torch.Tensor
+    per_example_loss: torch.Tensor
+    text_loss: torch.Tensor
+    image_loss: torch.Tensor
+    num_text_tokens: torch.Tensor
+    num_image_tokens: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+def _is_int(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+class Model(nn.Module):
+    """Network + optional frozen image tokenizer + optional text tokenizer."""
+
+    def __init__(self, config: ModelConfig, image_tokenizer: nn.Module | None = None, text_tokenizer: Any = None,
+                 init: bool = True):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a uio.ModelConfig (e.g. ModelConfig.from_size('tiny')), "
+                            f"got {type(config).__name__}")
+        if image_tokenizer is None and config.image_tokenizer is not None:
+            from uio.image_tokenizer import build_image_tokenizer
+
+            image_tokenizer = build_image_tokenizer(config.image_tokenizer)
+        if image_tokenizer is not None:
+            self._check_image_tokenizer(image_tokenizer, config)
+            if hasattr(image_tokenizer, "freeze"):
+                image_tokenizer.freeze()
+            else:
+                image_tokenizer.requires_grad_(False).eval()
+            if config.image_tokenizer is None and hasattr(image_tokenizer, "spec"):
+                config = dataclasses.replace(config, image_tokenizer=image_tokenizer.spec())
+        if text_tokenizer is not None:
+            n = text_tokenizer.vocab.text_vocab
+            if n != config.text_vocab:
+                raise ValueError(f"the text tokenizer has {n} pieces but config.text_vocab is {config.text_vocab}; "
+                                 f"build the config with text_vocab={n}")
+        self.config = config
+        # Allocate on the meta device, then materialise and initialise: no double initialisation,
+        # and a model built inside `with torch.device("meta")` stays weightless (xl in a second).
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            network = UnifiedIONetwork(config)
+        if device.type != "meta":
+            network.to_empty(device=device)
+            if init:
+                network.init_weights()
+        self.network = network
+        self.image_tokenizer = image_tokenizer
+        self.text_tokenizer = text_tokenizer
+
+    @staticmethod
+    def _check_image_tokenizer(tok: nn.Module, cfg: ModelConfig) -> None:
+        for attr, want in (("num_codes", cfg.image_vocab), ("grid", tuple(cfg.image_target_grid)),
+                           ("image_size", tuple(cfg.image_target_size))):
+            have = getattr(tok, attr, None)
+            have = tuple(have) if isinstance(have, (list, tuple)) else have
+            if have != want:
+                field = {"num_codes": "image_vocab", "grid": "image_target_grid", "image_size": "image_target_size"}
+                raise ValueError(f"image tokenizer {attr}={have} does not match config.{field[attr]}={want}")
+
+    # ---- basics -------------------------------------------------------------------------------
+    @property
+    def vocab(self) -> Vocab:
+        return self.config.vocab
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.token_embedder.weight.device
+
+    def init_weights(self) -> None:
+        """(Re-)initialise the network (the image tokenizer keeps its weights)."""
+        self.network.init_weights()
+
+    def num_parameters(self, include_image_tokenizer: bool = False) -> int:
+        mods = [self] if include_image_tokenizer or self.image_tokenizer is None else [self.network]
+        return sum(p.numel() for m in mods for p in m.parameters())
+
+    # ---- batch checking -----------------------------------------------------------------------
+    def _tensor(self, batch: Mapping, key: str, ndim: int, kind: str, required: bool = True) -> torch.Tensor | None:
+        if key not in batch or batch[key] is None:
+            if required:
+                raise ValueError(f"batch is missing {key!r} (see docs/design.md, contract 3)")
+            return None
+        t = batch[key]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"batch[{key!r}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != ndim:
+            raise ValueError(f"batch[{key!r}] must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        ok = {"int": _is_int(t), "float": t.is_floating_point(), "bool": t.dtype == torch.bool}[kind]
+        if not ok:
+            want = {"int": "an integer dtype (int64)", "float": "a floating dtype", "bool": "torch.bool"}[kind]
+            raise TypeError(f"batch[{key!r}] must have {want}, got {t.dtype}")
+        return t.to(self.device, non_blocking=True)
+
+    def _check_batch(self, batch: Mapping, targets: bool) -> dict[str, torch.Tensor | None]:
+        """Validate a contract-3 batch; returns its tensors on the model's device."""
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batch must be a dict (docs/design.md contract 3), got {type(batch).__name__}")
+        cfg, vocab = self.config, self.vocab
+        text = self._tensor(batch, "text_inputs", 2, "int")
+        b = text.shape[0]
+        if text.shape[1] > cfg.encoder_max_text_len:
+            raise ValueError(f"text_inputs has {text.shape[1]} tokens, more than encoder_max_text_len="
+                             f"{cfg.encoder_max_text_len}")
+        out: dict[str, torch.Tensor | None] = {"text_inputs": text.long()}
+
+        def rows(key: str, t: torch.Tensor | None) -> None:
+            if t is not None and t.shape[0] != b:
+                raise ValueError(f"batch[{key!r}] has {t.shape[0]} rows but text_inputs has {b}")
+
+        image = self._tensor(batch, "image_inputs", 4, "float", required=False)
+        masks = self._tensor(batch, "image_input_masks", 2, "bool", required=False)
+        if image is not None:
+            rows("image_inputs", image)
+            h, w = cfg.image_input_size
+            if image.shape[1] != 3 or tuple(image.shape[2:]) != (h, w):
+                raise ValueError(f"image_inputs must have shape (B, 3, {h}, {w}) (config.image_input_size), "
+                                 f"got {tuple(image.shape)}")
+            p = cfg.encoder_max_image_len
+            if masks is None:
+                masks = torch.ones(b, p, dtype=torch.bool, device=self.device)
+            rows("image_input_masks", masks)
+            if masks.shape[1] != p:
+                raise ValueError(f"image_input_masks must have shape (B, {p}) (one flag per {cfg.patch_size}x"
+                                 f"{cfg.patch_size} patch of {h}x{w}), got {tuple(masks.shape)}")
+            image = image.to(self.network.encoder.image_projection.weight.dtype)
+        elif masks is not None and bool(masks.any()):
+            raise ValueError("image_input_masks marks visible patches but the batch has no image_inputs")
+        out["image_inputs"], out["image_input_masks"] = image, masks
+        checks = [(text < 0) | (text >= vocab.text_vocab_size)]
+        if targets:
+            tt = self._tensor(batch, "text_targets", 2, "int")
+            rows("text_targets", tt)
+            if tt.shape[1] > cfg.decoder_max_text_len:
+                raise ValueError(f"text_targets has {tt.shape[1]} tokens, more than decoder_max_text_len="
+                                 f"{cfg.decoder_max_text_len}")
+            out["text_targets"] = tt.long()
+            checks.append((tt < 0) | (tt >= vocab.text_vocab_size))
+            ni = cfg.decoder_max_image_len
+            codes = self._tensor(batch, "image_target_codes", 2, "int", required=False)
+            pixels = self._tensor(batch, "image_targets", 4, "float", required=False)
+            tmask = self._tensor(batch, "image_target_masks", 2, "bool", required=False)
+            if codes is None and pixels is not None:
+                rows("image_targets", pixels)
+                ht, wt = cfg.image_target_size
+                if pixels.shape[1] != 3 or tuple(pixels.shape[2:]) != (ht, wt):
+                    raise ValueError(f"image_targets must have shape (B, 3, {ht}, {wt}) (config.image_target_size), "
+                                     f"got {tuple(pixels.shape)}")
+                codes = self.encode_image_targets(pixels)
+            if codes is not None:
+                rows("image_target_codes", codes)
+                if codes.shape[1] != ni:
+                    raise ValueError(f"image_target_codes must have shape (B, {ni}) (image_target_grid "
+                                     f"{cfg.image_target_grid}), got {tuple(codes.shape)}")
+                checks.append(((codes < 0) | (codes >= vocab.image_vocab)).any(1, keepdim=True))
+                if tmask is None:
+                    tmask = torch.ones(b, ni, dtype=torch.bool, device=self.device)
+                rows("image_target_masks", tmask)
+                if tmask.shape[1] != ni:
+                    raise ValueError(f"image_target_masks must have shape (B, {ni}), got {tuple(tmask.shape)}")
+                codes = codes.long()
+            elif tmask is not None and bool(tmask.any()):
+                raise ValueError("image_target_masks marks image targets but the batch has neither "
+                                 "image_targets nor image_target_codes")
+            out["image_target_codes"], out["image_target_masks"] = codes, (tmask if codes is not None else None)
+        # one host synchronisation for all id-range checks; details only when something is wrong
+        if bool(torch.cat([c.reshape(-1) for c in checks]).any()):
+            self._explain_ids(out)
+        return out
+
+    def _explain_ids(self, out: dict) -> None:
+        v = self.vocab
+        for key, hi in (("text_inputs", v.text_vocab_size), ("text_targets", v.text_vocab_size),
+                        ("image_target_codes", v.image_vocab)):
+            t = out.get(key)
+            if t is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= hi):
+                extra = " (codes, not vocabulary ids: subtract Vocab.image_offset)" if key == "image_target_codes" else \
+                    " (text ids, location and sentinel ids are below text_vocab_size)"
+                raise ValueError(f"batch[{key!r}] values must be in [0, {hi}){extra}, got [{int(t.min())}, "
+                                 f"{int(t.max())}]")
+
+    @contextmanager
+    def _eval(self):
+        was = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was)
+
+    @torch.no_grad()
+    def encode_image_targets(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, Ht, Wt) in [-1, 1] -> codes (B, Ni) with the frozen image tokenizer (fp32)."""
+        if self.image_tokenizer is None:
+            raise ValueError("the batch has image_targets (pixels) but this model has no image tokenizer; pass "
+                             "image_target_codes instead or build the Model with an image_tokenizer")
+        dtype = next(self.image_tokenizer.parameters()).dtype
+        with torch.autocast(self.device.type, enabled=False):
+            return self.image_tokenizer.encode(images.to(dtype))
+
+    def decode_image_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, Ni) -> images (B, 3, Ht, Wt) in about [-1, 1] with the image tokenizer."""
+        if self.image_tokenizer is None:
+            raise ValueError("this model has no image tokenizer to turn image codes into pixels")
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            return self.image_tokenizer.decode(codes)
+
+    def encode(self, batch: Mapping, num_patches: int | None = None,
+               generator: torch.Generator | None = None) -> EncoderOutput:
+        """Run the encoder on a batch (validated)."""
+        b = self._check_batch(batch, targets=False)
+        return self.network.encode(b["text_inputs"], b["image_inputs"], b["image_input_masks"], num_patches, generator)
+
+    # ---- training -----------------------------------------------------------------------------
+    def forward(self, batch: Mapping, num_patches: int | None = None, return_logits: bool = False,
+                generator: torch.Generator | None = None) -> ModelOutput:
+        """Teacher-forced loss on a batch. ``num_patches``: encode a random subset of that many
+        visible patches per row (training-time subsampling)."""
+        b = self._check_batch(batch, targets=True)
+        net, vocab = self.network, self.vocab
+        enc = net.encode(b["text_inputs"], b["image_inputs"], b["image_input_masks"], num_patches, generator)
+        tt = b["text_targets"]  # (B, Ld)
+        bsz, ld = tt.shape
+        inputs = [torch.cat([torch.zeros_like(tt[:, :1]), tt[:, :-1]], 1)]  # shift right, 0 start
+        valid = [tt != 0]
+        codes, tmask = b["image_target_codes"], b["image_target_masks"]
+        if codes is not None:
+            bos = torch.full_like(codes[:, :1], vocab.image_bos_id)
+            inputs.append(torch.cat([bos, codes[:, :-1] + vocab.image_offset], 1))
+            valid.append(tmask)
+        ids, key_valid = torch.cat(inputs, 1), torch.cat(valid, 1)  # (B, Ld+Ni)
+        hidden = net.decode(enc, ids, ld, key_valid)  # (B, Ld+Ni, d)
+
+        # per-token negative log-likelihoods, only at valid targets (text: text ids, image: codes)
+        vt = valid[0]
+        zeros = hidden.new_zeros((), dtype=torch.float32)
+        nll_text = torch.zeros(bsz, ld, dtype=torch.float32, device=ids.device).masked_scatter(
+            vt, -token_log_probs(net, hidden[:, :ld][vt], tt[vt], "text"))
+        n_text = vt.sum()
+        text_sum = nll_text.sum()
+        row_sum = nll_text.sum(1)
+        if codes is not None:
+            nll_image = torch.zeros(bsz, codes.shape[1], dtype=torch.float32, device=ids.device).masked_scatter(
+                tmask, -token_log_probs(net, hidden[:, ld:][tmask], codes[tmask], "image"))
+            n_image = tmask.sum()
+            image_sum = nll_image.sum()
+            row_sum = row_sum + nll_image.sum(1)
+        else:
+            n_image, image_sum = torch.zeros_like(n_text), zeros
+        per_row = key_valid.sum(1)
+        out = ModelOutput(
+            loss=(text_sum + image_sum) / (n_text + n_image).clamp(min=1),
+            per_example_loss=row_sum / per_row.clamp(min=1),
+            text_loss=text_sum / n_text.clamp(min=1),
+            image_loss=image_sum / n_image.clamp(min=1),
+            num_text_tokens=n_text, num_image_tokens=n_image)
+        if return_logits:
+            out.logits = net.masked_logits(hidden, ld)
+        return out
+
+    # ---- inference ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: Mapping, max_text_len: int = 32, image_output: bool = False, method: str = "greedy",
+                 num_beams: int = 1, top_p: float = 0.9, temperature: float = 1.0,
+                 allowed_tokens: AllowedTokens = None, generator: torch.Generator | None = None,
+                 alpha: float = 0.0, use_cache: bool = True) -> GenerationOutput:
+        """Decode text, then (``image_output=True``) the image tokens; see :mod:`uio.modeling.generation`.
+
+        ``allowed_tokens`` restricts the text steps: bool (V,) or (B, V) over the whole vocabulary
+        (e.g. ``model.vocab.loc_mask()``), or ``callable(step, prefix (B*beams, step)) -> mask``.
+        ``images`` are decoded when the model has an image tokenizer.
+        """
+        with self._eval():
+            enc = self.encode(batch)
+            out = _generate(self.network, enc, max_text_len=max_text_len, image_output=image_output, method=method,
+                            num_beams=num_beams, top_p=top_p, temperature=temperature, allowed_tokens=allowed_tokens,
+                            generator=generator, alpha=alpha, use_cache=use_cache)
+            if out.image_codes is not None and self.image_tokenizer is not None:
+                out.images = self.decode_image_codes(out.image_codes)
+        return out
+
+    @torch.no_grad()
+    def score_options(self, batch: Mapping, options: Options, average: bool = False) -> torch.Tensor:
+        """(B, K) log-likelihoods of K answer options (token-id lists, shared by all rows or one list
+        of K per row; EOS appended if missing), summed over tokens or averaged. The paper classifies
+        by the best-scoring option: ``scores.argmax(1)``."""
+        with self._eval():
+            return _score_options(self.network, self.encode(batch), options, average=average)
+
+    # ---- persistence --------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors``, ``config.json`` (+ ``spiece.model``) to ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "uio"})
+        cfg = self.config.to_dict()
+        if self.image_tokenizer is not None and hasattr(self.image_tokenizer, "spec"):
+            cfg["image_tokenizer"] = self.image_tokenizer.spec()  # weights travel in model.safetensors
+        (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+        if self.text_tokenizer is not None:
+            self.text_tokenizer.save(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> "Model":
+        """Load a directory written by :meth:`save_pretrained`. ``dtype`` casts the network only
+        (the image tokenizer stays in its saved precision)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory).expanduser()
+        weights, cfg_file = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+        for f in (weights, cfg_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} not found: expected {WEIGHTS_NAME} and {CONFIG_NAME} written by "
+                                        "Model.save_pretrained")
+        config = ModelConfig.load(cfg_file)
+        text_tokenizer = None
+        if (directory / "spiece.model").is_file():
+            from uio.text_tokenizer import TextTokenizer
+
+            text_tokenizer = TextTokenizer.from_dir(directory, image_vocab=config.image_vocab)
+        image_tokenizer = None
+        with torch.device("meta"):
+            if config.image_tokenizer is not None:
+                from uio.image_tokenizer import build_image_tokenizer
+
+                spec = {k: v for k, v in config.image_tokenizer.items() if k != "weights"}
+                image_tokenizer = build_image_tokenizer(spec)
+            model = cls(config, image_tokenizer=image_tokenizer, text_tokenizer=text_tokenizer)
+        state = load_file(str(weights), device=str(device))
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not match the configured model: missing {sorted(missing)[:8]}"
+                             f"{'...' if len(missing) > 8 else ''}, unexpected {sorted(unexpected)[:8]}"
+                             f"{'...' if len(unexpected) > 8 else ''}")
+        if image_tokenizer is not None:
+            image_tokenizer.requires_grad_(False)
+        if dtype is not None:
+            model.network.to(dtype)
+        return model
