@@ -361,12 +361,20 @@ class Model(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> "Model":
+                        dtype: torch.dtype | None = None, **original: Any) -> "Model":
         """Load a directory written by :meth:`save_pretrained`. ``dtype`` casts the network only
-        (the image tokenizer stays in its saved precision)."""
+        (the image tokenizer stays in its saved precision). A released Flax checkpoint file
+        (``{size}_1000k.bin``) is converted on the fly by :func:`uio.convert.load_original`, which
+        takes the ``original`` keywords (``config``, ``spiece``)."""
         from safetensors.torch import load_file
 
+        from uio.convert import is_flax_msgpack, load_original
+
         directory = Path(directory).expanduser()
+        if is_flax_msgpack(directory):
+            return load_original(directory, device=device, dtype=dtype, **original)
+        if original:
+            raise TypeError(f"{sorted(original)} apply only to original Flax checkpoints, and {directory} is not one")
         weights, cfg_file = directory / WEIGHTS_NAME, directory / CONFIG_NAME
         for f in (weights, cfg_file):
             if not f.is_file():

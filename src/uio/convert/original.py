@@ -34,11 +34,15 @@ decoder's ``up_{k}`` (k = 0 is the *lowest* resolution) becomes taming's ``up.{l
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
 import re
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -659,3 +663,173 @@ def write_original_checkpoint(path: str | os.PathLike, config: ModelConfig, vqga
 
     write_flax_msgpack(original_tree(shapes, fill), path)
     return str(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points: load into memory, or convert file -> save_pretrained directory (streaming)
+# ------------------------------------------------------------------------------------------------
+SPIECE_HELP = ("the released models use T5's SentencePiece model (the 'spiece.model' of t5-base / "
+               "t5-v1_1, 32000 pieces); pass its path with spiece=... / --spiece")
+
+
+def _resolve_spiece(src: Path, spiece: str | os.PathLike | None) -> Path | None:
+    if spiece is not None:
+        p = Path(spiece).expanduser()
+        if p.is_dir():
+            p = p / "spiece.model"
+        if not p.is_file():
+            raise FileNotFoundError(f"SentencePiece model {str(p)!r} not found: {SPIECE_HELP}")
+        return p
+    beside = src.parent / "spiece.model"
+    return beside if beside.is_file() else None
+
+
+def _prepare(f: FlaxMsgpackFile, config: ModelConfig | None, spiece: Path | None, encoder_max_text_len: int,
+             decoder_max_text_len: int):
+    """(flat arrays, shapes, config, text tokenizer or None) for an opened checkpoint."""
+    from uio.text_tokenizer import TextTokenizer
+
+    flat = _array_leaves(f.tree)
+    shapes = {p: r.shape for p, r in flat.items()}
+    n_pieces = TextTokenizer(spiece).vocab.text_vocab if spiece is not None else None
+    if config is None:
+        config = infer_config(shapes, text_vocab=n_pieces, encoder_max_text_len=encoder_max_text_len,
+                              decoder_max_text_len=decoder_max_text_len)
+    else:
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a uio.ModelConfig, got {type(config).__name__}")
+        if config.image_tokenizer is None and any(p.startswith("discrete_vae/") for p in shapes):
+            grid = config.image_target_grid[0]
+            vq = infer_vqgan_config(shapes, resolution=grid * 2 ** (vqgan_levels(shapes) - 1))
+            spec = {"name": "vqgan", "config": vq.to_dict(), "image_size": list(config.image_target_size)}
+            config = dataclasses.replace(config, image_tokenizer=spec)
+            log.info("config has no image tokenizer; using the checkpoint's VQ-GAN %s", vq.to_dict())
+    tok = None
+    if spiece is not None:
+        tok = TextTokenizer(spiece, image_vocab=config.image_vocab)
+        if tok.vocab.text_vocab != config.text_vocab:
+            raise ValueError(f"{spiece} has {tok.vocab.text_vocab} pieces but the model's text vocabulary is for "
+                             f"{config.text_vocab}: {SPIECE_HELP}")
+    else:
+        log.warning("no SentencePiece model given: the model works on token ids only; %s", SPIECE_HELP)
+    return flat, shapes, config, tok
+
+
+def load_original(path: str | os.PathLike, config: ModelConfig | None = None, spiece: str | os.PathLike | None = None,
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  encoder_max_text_len: int = 256, decoder_max_text_len: int = 256):
+    """A :class:`uio.Model` from a released ``{size}_1000k.bin`` (Flax msgpack, no JAX needed).
+
+    The configuration is read off the tensor shapes (or pass ``config``). ``spiece`` is T5's
+    ``spiece.model`` (default: a ``spiece.model`` beside the checkpoint, else the model has no text
+    tokenizer and works on ids only). Peak memory: the model plus one tensor.
+    """
+    from uio.model import Model
+
+    src = Path(path).expanduser()
+    spm = _resolve_spiece(src, spiece)
+    with FlaxMsgpackFile(src) as f:
+        flat, shapes, config, tok = _prepare(f, config, spm, encoder_max_text_len, decoder_max_text_len)
+        model = Model(config, text_tokenizer=tok, init=False)  # allocated, not initialised: every weight is loaded
+        convert_checkpoint(f, model)
+    if dtype is not None:
+        model.network.to(dtype)
+    return model.to(device).eval()
+
+
+def convert_to_directory(path: str | os.PathLike, out_dir: str | os.PathLike, config: ModelConfig | None = None,
+                         spiece: str | os.PathLike | None = None, encoder_max_text_len: int = 256,
+                         decoder_max_text_len: int = 256, dtype: torch.dtype | None = None) -> Path:
+    """Convert a released checkpoint into the :meth:`uio.Model.save_pretrained` format, streaming.
+
+    The target model is built on the meta device (no memory), and each tensor goes from the
+    memory-mapped source through its layout change straight into ``model.safetensors``; the
+    process never holds more than one tensor. ``dtype`` (e.g. ``torch.bfloat16``) stores the
+    network's weights in that precision (the VQ-GAN stays float32, as ``from_pretrained`` expects).
+    """
+    from uio.model import CONFIG_NAME, WEIGHTS_NAME, Model
+
+    src = Path(path).expanduser()
+    out = Path(out_dir).expanduser()
+    spm = _resolve_spiece(src, spiece)
+    with FlaxMsgpackFile(src) as f:
+        flat, shapes, config, tok = _prepare(f, config, spm, encoder_max_text_len, decoder_max_text_len)
+        with torch.device("meta"):
+            model = Model(config, text_tokenizer=tok, init=False)
+        plan = build_plan(shapes, model)
+        by_target = {r.target: r for r in plan.rules}
+        state = model.state_dict()
+        net_keys = {"network." + k for k in model.network.state_dict()}
+        dtypes = {k: (dtype if dtype is not None and k in net_keys and t.is_floating_point() else t.dtype)
+                  for k, t in state.items()}
+        out.mkdir(parents=True, exist_ok=True)
+
+        def tensors():
+            for key in state:
+                rule = by_target[key]
+                ref = flat[rule.source]
+                yield key, rule.transform(ref.torch()).to(dtypes[key])
+                ref.release()
+
+        specs = {k: (dtypes[k], tuple(t.shape)) for k, t in state.items()}
+        write_safetensors(out / WEIGHTS_NAME, specs, tensors(), metadata={"format": "pt", "library": "uio"})
+    cfg = config.to_dict()
+    if model.image_tokenizer is not None and hasattr(model.image_tokenizer, "spec"):
+        cfg["image_tokenizer"] = model.image_tokenizer.spec()  # as Model.save_pretrained writes it
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    if tok is not None:
+        tok.save(out)
+    for p, why in plan.dropped.items():
+        log.info("not loaded: %s (%s)", p, why)
+    return out
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str | os.PathLike, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                      tensors: Any, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a ``.safetensors`` file tensor by tensor. ``specs`` (name -> (dtype, shape)) fixes the
+    header up front; ``tensors`` yields ``(name, tensor)`` in the same order."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, (dt, shape) in specs.items():
+        if dt not in _ST_DTYPES:
+            raise ValueError(f"{name}: dtype {dt} cannot be stored in safetensors")
+        n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    tmp = Path(str(path) + ".tmp")
+    try:
+        _write_safetensors_body(tmp, blob, specs, tensors)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def _write_safetensors_body(tmp: Path, blob: bytes, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                            tensors: Any) -> None:
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        names = iter(specs)
+        for name, t in tensors:
+            want = next(names, None)
+            if name != want:
+                raise ValueError(f"tensor {name!r} arrived where {want!r} was expected")
+            dt, shape = specs[name]
+            if t.dtype != dt or tuple(t.shape) != shape:
+                raise ValueError(f"{name}: got {t.dtype} {tuple(t.shape)}, the header says {dt} {shape}")
+            t = t.contiguous()
+            fh.write(t.view(torch.uint8).reshape(-1).numpy().data if t.numel() else b"")
+            del t
+        left = next(names, None)
+        if left is not None:
+            raise ValueError(f"no tensor was given for {left!r}")
