@@ -213,10 +213,12 @@ def test_box_accuracy_hand_computed():
     # GRIT localisation per image: sum(IoU of matched pairs) / (#pred + #gt - #pairs)
     per_image = [1 / 3, 100 / 120, 1 / 2, 1.0, 0.0, 0.0]  # image 3: (0 + 1) / (2 + 1 - 1)
     assert r["grit_loc"] == pytest.approx(np.mean(per_image))
+    # pairs at IoU >= 0.5 over max(#pred, #gt)
+    assert r["match50"] == pytest.approx(np.mean([0, 1, 1 / 2, 1, 0, 0]))
     # several boxes: (1 + 0.5) / (2 + 3 - 2); the box matching nothing adds to the denominator
     r = compute("box_accuracy", [b((0, 0, 10, 10), (20, 0, 30, 10))],
                 [b((0, 0, 10, 10), (20, 0, 40, 10), (100, 100, 110, 110))])
-    assert r["grit_loc"] == pytest.approx(1.5 / 3) and r["acc"] == 1.0
+    assert r["grit_loc"] == pytest.approx(1.5 / 3) and r["acc"] == 1.0 and r["match50"] == pytest.approx(2 / 3)
     # a single "box" target and the threshold argument
     assert compute("box_accuracy", [b((0, 0, 10, 10))], [{"box": [0, 0, 10, 12]}], iou_threshold=0.9)["acc"] == 0.0
 
@@ -250,7 +252,7 @@ def test_keypoint_ap_perfect_and_perturbed():
     pred = gt.copy()
     pred[:, 0] += dx
     pred[:, 2] = 0  # predicted visibility is ignored
-    r = compute("keypoint_oks_ap", [{"keypoints": pred, "score": 0.5}], [{"keypoints": gt, "box": box}])
+    r = compute("keypoint_oks_ap", [{"keypoints": pred, "score": torch.tensor([0.5])}], [{"keypoints": gt, "box": box}])
     # one person, one guess: AP at threshold t is 1 if OKS >= t else 0
     assert r["ap"] == pytest.approx(np.mean(COCO_THRESHOLDS <= oks)) and 0 < r["ap"] < 1
     assert r["ap50"] == pytest.approx(1.0)
@@ -474,8 +476,8 @@ def test_caption_tokenizer_approximates_ptb():
 def test_cider_d_hand_computed():
     """CIDEr-D on two images, one reference each.
 
-    idf(g) = log(2) - log(df(g)): "a" (and "a dog"? no, that one is in image 2 only) occurs in both
-    images -> idf 0; every other n-gram occurs in one image -> idf log 2 =: L.
+    idf(g) = log(2) - log(max(1, df(g))): "a" occurs in the references of both images -> idf 0;
+    every other n-gram occurs in one image's references (or none) -> idf log 2 =: L.
     Image 1, hypothesis == reference "a cat sits": for n = 1, 2, 3 the vectors are equal -> cosine 1;
     no 4-grams -> 0. Score = 10 * (1 + 1 + 1 + 0) / 4 = 7.5.
     Image 2, "a dog" vs "a dog runs": n=1: h = {a: 0, dog: L}, r = {a: 0, dog: L, runs: L}
@@ -588,8 +590,12 @@ def _ddp_batches():
     rng = np.random.default_rng(0)
     nrm_t = [{"normals": rng.normal(size=(4, 5, 3))} for _ in range(4)]
     nrm_p = [{"normals": t["normals"] + rng.normal(scale=0.5, size=(4, 5, 3))} for t in nrm_t]
+    gt = _person()
+    kp_p, kp_t = [{"keypoints": gt + [3.0, 0.0, 0.0], "score": 0.7}], [{"keypoints": gt, "box": [100, 100, 200, 300]}]
+    sq_p, sq_t = [{"answer": "in Paris"}], [{"answers": ["Paris"]}]
+    # the last two have one example: with two ranks, rank 1 contributes nothing
     return {"detection_map": (det_p, det_t), "captioning": (cap_p, cap_t), "vqa_accuracy": (vqa_p, vqa_t),
-            "surface_normals": (nrm_p, nrm_t)}
+            "surface_normals": (nrm_p, nrm_t), "keypoint_oks_ap": (kp_p, kp_t), "squad": (sq_p, sq_t)}
 
 
 def test_sync_in_a_one_process_group(tmp_path):

@@ -105,7 +105,12 @@ class UIOMetric(Metric):
         raise NotImplementedError
 
     def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any | None = None) -> None:
-        # tensor states the torchmetrics way; record states as Python objects
+        # tensor states the torchmetrics way; record states as Python objects.
+        # A rank without examples would otherwise send torchmetrics' empty placeholder in the
+        # default dtype (float32) while the others send float64: give it an empty float64 tensor.
+        for n in self._score_names:
+            if not getattr(self, f"s_{n}"):
+                getattr(self, f"s_{n}").append(torch.zeros(0, dtype=torch.float64, device=self.device))
         saved = {n: self._reductions.pop(n) for n in self._record_names}
         try:
             super()._sync_dist(dist_sync_fn=dist_sync_fn, process_group=process_group)
@@ -156,7 +161,9 @@ def as_float_array(x: Any, field: str, shape: tuple[int | None, ...]) -> np.ndar
             raise ValueError
         a = a.astype(np.float64)
     except (TypeError, ValueError):
-        raise MetricInputError(f"{field} must be numeric with shape {_fmt_shape(shape)}, got {type(x).__name__}") from None
+        raise MetricInputError(
+            f"{field} must be numeric with shape {_fmt_shape(shape)}, got {type(x).__name__}"
+        ) from None
     if a.size == 0 and shape and shape[0] is None:
         return np.zeros((0, *[s or 0 for s in shape[1:]]), dtype=np.float64)
     if a.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, a.shape)):

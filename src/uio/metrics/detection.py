@@ -190,8 +190,10 @@ class KeypointOKSAP(UIOMetric):
         if "scores" in pred:
             ps = as_float_array(pred["scores"], "pred['scores']", (len(pk),))
         else:
-            s = pred.get("score", 1.0)
-            ps = as_float_array(s, "pred['score']", ()).reshape(1).repeat(len(pk))
+            s = to_numpy(pred.get("score", 1.0)).reshape(-1)
+            if s.size != 1:
+                raise MetricInputError(f"pred['score'] must be one number, got shape {s.shape}")
+            ps = as_float_array(s, "pred['score']", (1,)).repeat(len(pk))
         gk = _keypoint_sets(target, "target")
         if "boxes" in target:
             gb = as_float_array(target["boxes"], "target['boxes']", (len(gk), 4))
@@ -271,7 +273,9 @@ class BoxAccuracy(UIOMetric):
     box; with no ground truth (localising an absent class) a hit iff nothing is predicted.
     ``grit_loc``: GRIT's localisation score — Hungarian matching of all predicted to all
     ground-truth boxes, ``sum(IoU of matched pairs) / (#pred + #gt - #pairs)`` per image
-    (empty/empty = 1), averaged over images.
+    (empty/empty = 1; allenai/grit_official ``metrics/localization.py``), averaged over images.
+    ``match50``: the largest number of one-to-one pairs with IoU >= ``iou_threshold``, divided by
+    ``max(#pred, #gt)`` (empty/empty = 1), averaged over images.
     """
 
     name = "box_accuracy"
@@ -281,7 +285,7 @@ class BoxAccuracy(UIOMetric):
         if not 0.0 < iou_threshold <= 1.0:
             raise ValueError(f"box_accuracy: iou_threshold must be in (0, 1], got {iou_threshold}")
         self.iou_threshold = float(iou_threshold)
-        self._add_score("acc", "grit_loc")
+        self._add_score("acc", "grit_loc", "match50")
 
     def _update_one(self, pred: Mapping[str, Any], target: Mapping[str, Any]) -> None:
         pb = _boxes(pred, "prediction")
@@ -291,10 +295,22 @@ class BoxAccuracy(UIOMetric):
             hit = len(pb) == 0
         else:
             hit = len(pb) > 0 and bool(iou[0].max() >= self.iou_threshold)
-        self._push(acc=float(hit), grit_loc=grit_matched_score(iou))
+        self._push(acc=float(hit), grit_loc=grit_matched_score(iou), match50=self._match_fraction(iou))
+
+    def _match_fraction(self, iou: np.ndarray) -> float:
+        from scipy.optimize import linear_sum_assignment
+
+        n = max(iou.shape)
+        if n == 0:
+            return 1.0
+        if min(iou.shape) == 0:
+            return 0.0
+        ok = (iou >= self.iou_threshold).astype(np.float64)
+        rows, cols = linear_sum_assignment(-ok)  # maximum number of qualifying pairs
+        return float(ok[rows, cols].sum() / n)
 
     def compute(self) -> dict[str, float]:
-        return {"acc": self._mean("acc"), "grit_loc": self._mean("grit_loc")}
+        return {k: self._mean(k) for k in ("acc", "grit_loc", "match50")}
 
 
 def _boxes(d: Mapping[str, Any], what: str) -> np.ndarray:

@@ -116,7 +116,8 @@ def grit_vqa_accuracy(answer: str, gt_answers: list[str]) -> float:
     """GRIT's VQA score: both sides always normalised, ``min(1, #{gt == answer} / 3)``."""
 
     def norm(s: str) -> str:
-        return vqa_process_digit_article(vqa_process_punctuation(s.replace("\n", " ").replace("\t", " ").lower().strip()))
+        s = s.replace("\n", " ").replace("\t", " ").lower().strip()
+        return vqa_process_digit_article(vqa_process_punctuation(s))
 
     res = norm(answer)
     return min(1.0, sum(norm(g) == res for g in gt_answers) / 3.0)
