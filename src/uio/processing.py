@@ -91,7 +91,9 @@ def resize(array: np.ndarray, size: tuple[int, int], mode: str = "bilinear", ant
     """Resize a float ``(H, W)`` or ``(H, W, C)`` array to ``size=(h, w)`` with torch.
 
     ``antialias`` defaults to True for bilinear/bicubic (as torchvision's resize) and is not used
-    for nearest. Nearest follows torch's legacy rule (source index ``floor(i * in / out)``).
+    for nearest. Nearest samples pixel centres (torch's ``nearest-exact``): the original's legacy
+    rule (``floor(i * in / out)``) shifts content by up to a pixel, so a label map resized up and
+    back down with it does not come back; with pixel centres it does.
     """
     if mode not in _INTERP:
         raise ValueError(f"resize mode must be one of {sorted(_INTERP)}, got {mode!r}")
@@ -107,7 +109,7 @@ def resize(array: np.ndarray, size: tuple[int, int], mode: str = "bilinear", ant
         return out[:, :, 0] if squeeze else out
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)[None]  # (1, C, H, W)
     if mode == "nearest":
-        t = F.interpolate(t, size=(h, w), mode="nearest")
+        t = F.interpolate(t, size=(h, w), mode="nearest-exact")
     else:
         aa = True if antialias is None else antialias
         t = F.interpolate(t, size=(h, w), mode=mode, align_corners=False, antialias=aa)
@@ -315,13 +317,26 @@ class Processor:
         h, w = self.image_input_size
         return ImageInput(np.zeros((3, h, w), np.float32), np.zeros(self.num_patches, bool), None)
 
-    def image_target(self, image: Any, mode: str = "bilinear") -> ImageTarget:
+    def image_target(self, image: Any, mode: str = "bilinear", valid: np.ndarray | None = None) -> ImageTarget:
         """Target image: resize-pad to the tokenizer size, ``x * 2 - 1``, mask over the code grid.
 
-        ``mode="nearest"`` keeps label colours pure (segmentation maps).
+        ``mode="nearest"`` keeps label colours pure (segmentation maps). ``valid`` (bool (H, W))
+        marks pixels with a label: resizing then averages valid pixels only (normalised
+        convolution), so holes do not bleed into their neighbours; pixels mostly covered by holes
+        stay black.
         """
         img = to_float_image(image)
-        padded, pixel_mask, info = resize_and_pad(img, self.image_target_size, mode=mode)
+        if valid is None:
+            padded, pixel_mask, info = resize_and_pad(img, self.image_target_size, mode=mode)
+        else:
+            v = np.asarray(valid, dtype=np.float32)
+            if v.shape != img.shape[:2]:
+                raise ValueError(f"valid mask shape {v.shape} does not match the image {img.shape[:2]}")
+            stacked = np.concatenate([img * v[..., None], v[..., None]], axis=-1)
+            padded, pixel_mask, info = resize_and_pad(stacked, self.image_target_size, mode=mode)
+            cover = padded[..., 3:]
+            padded = np.where(cover >= 0.5, padded[..., :3] / np.maximum(cover, 1e-6), 0.0)
+            padded = np.clip(padded, 0.0, 1.0).astype(np.float32)
         mask = patch_mask_from_pixels(pixel_mask, self.image_target_grid)
         arr = np.ascontiguousarray(np.transpose(padded * 2.0 - 1.0, (2, 0, 1)), dtype=np.float32)
         return ImageTarget(arr, mask, info)

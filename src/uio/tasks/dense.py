@@ -90,10 +90,11 @@ class DepthTask(Task):
         depth = np.asarray(example["depth"], dtype=np.float32)
         if depth.shape != hw:
             raise ValueError(f"{self.name}: depth must be float (H, W) = {hw} like the image, got shape {depth.shape}")
-        depth = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
+        valid = np.isfinite(depth) & (depth > 0)
+        depth = np.where(valid, depth, 0.0).astype(np.float32)
         md = self._max_depth(example)
         gray = np.clip(depth / md, 0.0, 1.0)
-        tgt = processor.image_target(np.repeat(gray[:, :, None], 3, axis=2))
+        tgt = processor.image_target(np.repeat(gray[:, :, None], 3, axis=2), valid=valid)
         prompt = self.prompt(rng, train)
         extra = {"gt": {"depth": depth, "max_depth": md}} if not train else {}
         return self.sample(processor, example, processor.encode_text(prompt), processor.image_input(example["image"]),
@@ -101,7 +102,10 @@ class DepthTask(Task):
 
     def _decode(self, ids, image, meta, processor: Processor):
         hw = meta_hw(meta, "target_hw") or meta_hw(meta)
-        md = float(meta.get("max_depth", self.max_depth))
+        try:
+            md = float(meta.get("max_depth", self.max_depth))
+        except (TypeError, ValueError):
+            md = self.max_depth
         img = processor.output_image(image, hw, mode="nearest")
         if img is None:
             h, w = hw or processor.image_target_size
@@ -133,7 +137,7 @@ class SurfaceNormalsTask(Task):
             valid &= check_mask(example["valid"], hw, self.name, "valid")
         unit = np.where(valid[..., None], n / np.where(valid, norm, 1.0)[..., None], 0.0)
         rgb = np.where(valid[..., None], (unit + 1.0) / 2.0, 0.0)
-        tgt = processor.image_target(np.clip(rgb, 0.0, 1.0))
+        tgt = processor.image_target(np.clip(rgb, 0.0, 1.0), valid=valid)
         prompt = self.prompt(rng, train)
         extra = {"gt": {"normals": unit.astype(np.float32), "valid": valid}} if not train else {}
         return self.sample(processor, example, processor.encode_text(prompt), processor.image_input(example["image"]),
