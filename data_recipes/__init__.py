@@ -1,0 +1,1 @@
+"""Recipes that turn public datasets in their standard layouts into uio shards (see README.md)."""
