@@ -285,7 +285,7 @@ def _decode_member(data: bytes, ref: dict[str, Any]) -> np.ndarray:
             img.load()
             if ref.get("rgb"):
                 img = img.convert("RGB")
-            arr = np.asarray(img)
+            arr = np.array(img)  # writable (np.asarray of a PIL image is read-only)
         if codec == "depth16":
             return (arr.astype(np.float64) * float(ref["scale"])).astype(np.float32)
         return arr
