@@ -188,7 +188,7 @@ class UIODataModule(pl.LightningDataModule):
 
     # ---- Lightning hooks ------------------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int]:
-        t = self._trainer if hasattr(self, "_trainer") else None
+        t = getattr(self, "trainer", None)
         if t is not None:
             return int(t.global_rank), int(t.world_size)
         r, w, _, _ = worker_info()
