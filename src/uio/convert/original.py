@@ -704,6 +704,7 @@ def _prepare(f: FlaxMsgpackFile, config: ModelConfig | None, spiece: Path | None
             spec = {"name": "vqgan", "config": vq.to_dict(), "image_size": list(config.image_target_size)}
             config = dataclasses.replace(config, image_tokenizer=spec)
             log.info("config has no image tokenizer; using the checkpoint's VQ-GAN %s", vq.to_dict())
+        check_config(shapes, config)
     tok = None
     if spiece is not None:
         tok = TextTokenizer(spiece, image_vocab=config.image_vocab)
@@ -713,6 +714,40 @@ def _prepare(f: FlaxMsgpackFile, config: ModelConfig | None, spiece: Path | None
     else:
         log.warning("no SentencePiece model given: the model works on token ids only; %s", SPIECE_HELP)
     return flat, shapes, config, tok
+
+
+def check_config(shapes: Mapping[str, tuple[int, ...]], config: ModelConfig) -> None:
+    """Raise :class:`ConversionError` listing every tensor whose presence or shape disagrees with
+    what ``config`` (and its VQ-GAN spec) implies for an original checkpoint."""
+    vq = None
+    spec = config.image_tokenizer
+    if spec is not None and spec.get("name") == "vqgan":
+        from uio.image_tokenizer.vqgan import get_config
+
+        vq = get_config(spec.get("config", "vqgan_imagenet_f16_16384"))
+    expected = original_shapes(config, vq)
+    if vq is None:  # another tokenizer: its tensors are not described here
+        expected.update({p: s for p, s in shapes.items() if p.startswith("discrete_vae/")})
+    lines = [f"  {p}: checkpoint {tuple(shapes[p])}, config expects {tuple(s)}"
+             for p, s in expected.items() if p in shapes and tuple(shapes[p]) != tuple(s)]
+    lines += [f"  {p}: config expects {tuple(s)}, not in the checkpoint" for p, s in expected.items() if p not in shapes]
+    lines += [f"  {p}: checkpoint {tuple(s)}, not expected by the config" for p, s in shapes.items() if p not in expected]
+    if lines:
+        summary = ""
+        try:  # say it in config terms first when the file's own configuration can be read
+            found = infer_config(shapes, text_vocab=config.text_vocab, encoder_max_text_len=config.encoder_max_text_len,
+                                 decoder_max_text_len=config.decoder_max_text_len)
+            fields = [f for f in ("d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers", "num_decoder_layers",
+                                  "num_segments", "vocab_size", "image_input_size", "patch_size", "image_target_grid")
+                      if getattr(found, f) != getattr(config, f)]
+            if fields:
+                summary = "; ".join(f"{f}: checkpoint {getattr(found, f)}, config {getattr(config, f)}" for f in fields)
+                summary = f"\n  in short: {summary}"
+        except ValueError:
+            pass
+        shown = lines[:40] + ([f"  ... and {len(lines) - 40} more"] if len(lines) > 40 else [])
+        raise ConversionError(f"the checkpoint does not match the given config ({len(lines)} difference(s)){summary}\n"
+                              + "\n".join(shown))
 
 
 def load_original(path: str | os.PathLike, config: ModelConfig | None = None, spiece: str | os.PathLike | None = None,
