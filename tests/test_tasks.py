@@ -344,3 +344,41 @@ def test_scoring_tasks_rank_candidates(processor, name):
     assert task.decode_scores(torch.tensor(scores), s["meta"])["label"] == ex["label"]
     assert task.decode_scores([np.nan] * len(cands), s["meta"])["label"] == ""
     assert task.decode_scores([1.0], s["meta"])["label"] == ""  # wrong length: empty, no exception
+
+
+# ---- docs and real examples ----------------------------------------------------------------------------------
+def test_docs_table_lists_every_task_with_its_prompt_and_metric():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in doc.splitlines() if line.startswith("| `")}
+    assert set(rows) == set(TASKS)
+    for name, t in TASKS.items():
+        row = rows[name]
+        assert f"| {t.group} |" in row
+        assert all(f"`{m}`" in row for m in t.metrics), name
+        if name in ORIGINAL_PROMPTS:
+            assert f"★ `{t.prompts[0]}`" in row, name
+
+
+def test_toyworld_examples_encode_decode_and_score(processor):
+    """The data engineers' toy-world examples (contract 1) go through every task and its metric."""
+    from uio.data.toyworld import examples_for_scene
+
+    rng = np.random.default_rng(0)
+    examples: dict[str, list] = {}
+    for index in range(8):  # scenes until every image task has an example (some scenes have no person)
+        for name, exs in examples_for_scene(0, "val", index).items():
+            examples.setdefault(name, exs)
+        if set(examples) >= set(ALL) - {"span_corruption"}:
+            break
+    assert set(examples) >= set(ALL) - {"span_corruption"}
+    for name, exs in examples.items():
+        task = get_task(name)
+        for ex in exs:
+            task.encode(ex, processor, rng, train=True)
+            s = task.encode(ex, processor, rng, train=False)
+            pred = task.decode(s["text_targets"], s["image_target"], s["meta"], processor)
+            for metric in task.build_metrics().values():
+                metric.update([pred], [task.targets_for_metrics(s["meta"])])
+                assert metric.compute()

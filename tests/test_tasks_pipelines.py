@@ -30,10 +30,10 @@ def tiny(text_tokenizer):
 def test_keypoints_two_step(tiny):
     model, proc = tiny
     image = smooth_image(np.random.default_rng(0), (60, 80))
-    fast = dict(loc_kwargs={"max_text_len": 16, "method": "sample"}, kp_kwargs={"max_text_len": 40})
-    out = keypoints_two_step(model, image, proc, max_people=3, generator=torch.Generator().manual_seed(0), **fast)
+    fast = dict(loc_kwargs={"max_text_len": 12, "method": "sample"}, kp_kwargs={"max_text_len": 24})
+    out = keypoints_two_step(model, image, proc, max_people=2, generator=torch.Generator().manual_seed(0), **fast)
     k = len(out["boxes"])
-    assert 1 <= k <= 3 and out["keypoints"].shape == (k, 17, 3) and out["scores"].shape == (k,)
+    assert 1 <= k <= 2 and out["keypoints"].shape == (k, 17, 3) and out["scores"].shape == (k,)
     assert np.all(np.diff(out["scores"]) < 0)
     assert (out["boxes"][:, [0, 2]] <= 80).all() and (out["boxes"][:, [1, 3]] <= 60).all()
     xy = out["keypoints"][..., :2]
