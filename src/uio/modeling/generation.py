@@ -6,7 +6,8 @@ whose first input is the image BOS (``text_vocab_size - 1``) whatever the text e
 steps may only emit text ids, image steps only image ids; an extra per-step ``allowed_tokens`` mask
 (bool (V,), (B, V) or ``callable(step, prefix) -> mask``) narrows the text steps further (e.g. to
 location tokens). A text slot fed after the row's EOS is masked for later positions, as in training
-(the original's ``decoder_masks``), so stopping early changes no image token.
+(the original's ``decoder_masks``), so stopping early changes no image token. Text steps never
+emit the pad id 0 (never a training target; the original could, and then kept decoding).
 
 The step loops keep everything on the device: a static KV cache written at Python-int slots, no
 ``.item()`` per step; the only host synchronisation is an "all rows finished?" check every
@@ -157,6 +158,18 @@ class _MaskSource:
 # ================================================================================================
 # Loops
 # ================================================================================================
+def _step_logits(network: UnifiedIONetwork, hidden: torch.Tensor, modality: str,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+    """Float32 logits (R, V_modality) of one step. Text steps never emit pad (id 0): it is never a
+    training target, and a 0 in the output means "nothing" (after EOS)."""
+    logits = network.logits(hidden, modality)
+    if modality == "text":
+        logits[:, network.vocab.pad_id] = -1e10
+    if mask is not None:
+        logits = logits.masked_fill(~mask, -1e10)
+    return logits
+
+
 def _sequential(stepper, network: UnifiedIONetwork, rows: int, start: int, steps: int, first: torch.Tensor,
                 modality: str, method: str, masks: _MaskSource | None, eos_id: int | None, top_p: float,
                 temperature: float, generator: torch.Generator | None, check_every: int
@@ -175,10 +188,7 @@ def _sequential(stepper, network: UnifiedIONetwork, rows: int, start: int, steps
     for t in range(steps):
         valid = None if eos_id is None else ~finished[:, None]
         hidden = stepper(cur[:, None], start + t, valid)[:, 0]  # (R, d)
-        logits = network.logits(hidden, modality)  # (R, V_modality) float32
-        mask = masks(t, out[:, :t]) if masks is not None else None
-        if mask is not None:
-            logits = logits.masked_fill(~mask, -1e10)
+        logits = _step_logits(network, hidden, modality, masks(t, out[:, :t]) if masks is not None else None)
         if method == "greedy":
             tok = logits.argmax(-1)
         else:
@@ -225,10 +235,8 @@ def _beam(stepper, network: UnifiedIONetwork, batch: int, beams: int, start: int
     n = steps
     for t in range(steps):
         hidden = stepper(cur[:, None], start + t)[:, 0]  # (R, d)
-        logits = network.logits(hidden, modality)
         mask = masks(t, live_seqs.view(rows, steps)[:, :t]) if masks is not None else None
-        if mask is not None:
-            logits = logits.masked_fill(~mask, -1e10)
+        logits = _step_logits(network, hidden, modality, mask)
         vsize = logits.shape[-1]
         cand = logits.log_softmax(-1).view(batch, k, vsize) + live_logp[:, :, None]
         top_s, top_i = cand.view(batch, k * vsize).topk(min(2 * k, k * vsize), dim=1)  # (B, 2K)
@@ -311,6 +319,8 @@ def generate(network: UnifiedIONetwork, enc: EncoderOutput, max_text_len: int = 
     else:
         text, scores = _sequential(stepper, network, rows, 0, max_text_len, start_tok, "text", method, masks,
                                    vocab.eos_id, top_p, temperature, generator, check_every)
+    used = (text != 0).any(0).nonzero()
+    text = text[:, : int(used.max()) + 1 if used.numel() else 1]  # drop all-padding columns at the end
     codes = None
     if image_output:
         bos = torch.full((rows,), vocab.image_bos_id, dtype=torch.long, device=device)
