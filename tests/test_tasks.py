@@ -178,6 +178,8 @@ def test_encoded_sample_follows_contract_2(processor, name, train):
     ("detection", {"boxes": [[0, 0, 5, 5]] * 2, "labels": ["a"]}, ValueError, "2 boxes but 1 labels"),
     ("detection", {"boxes": [[1, 2, 3]], "labels": ["a"]}, ValueError, r"boxes\[0\] must be 4"),
     ("referring_expression", {"box": [50, 50, 10, 10]}, ValueError, "x1 <= x2"),
+    ("object_localization", {"boxes": np.zeros((2, 3))}, ValueError, r"\(N, 4\)"),
+    ("object_localization", {"boxes": None}, ValueError, "list of"),
     ("keypoints", {"keypoints": [[1, 2, 2]] * 16}, ValueError, r"shape \(17, 3\)"),
     ("keypoints", {"keypoints": [[1, 2, 5]] * 17}, ValueError, "visibilities must be 0, 1 or 2"),
     ("object_segmentation", {"masks": [np.ones((3, 3), bool)]}, ValueError, r"image's size \(90, 140\)"),
@@ -243,7 +245,7 @@ def test_malformed_generations_never_raise(processor, name):
     for tokens in _garbage(processor, rng):
         for image in _garbage_images(rng):
             assert isinstance(task.decode(tokens, image, s["meta"], processor), dict)
-    for meta in ({}, {"image_hw": "oops", "target_hw": (0, 5)}, {"max_depth": "x", "box": None}):
+    for meta in ({}, {"image_hw": "oops", "target_hw": (0, 5)}, {"max_depth": "x", "box": "abc"}, None, ["x"]):
         for tokens in _garbage(processor, rng):
             assert isinstance(task.decode(tokens, np.zeros((3, 64, 64), np.float32), meta, processor), dict)
 

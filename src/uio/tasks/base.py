@@ -75,7 +75,8 @@ class Task:
     def decode(self, text_tokens: Any, image: Any, meta: Mapping[str, Any], processor: Processor) -> dict[str, Any]:
         """Generated ids (+ image ``(3, Ht, Wt)`` in [-1, 1] or None) -> prediction dict. Never raises
         on malformed generations."""
-        return self._decode(clean_tokens(text_tokens, processor.vocab), image, dict(meta or {}), processor)
+        return self._decode(clean_tokens(text_tokens, processor.vocab), image,
+                            dict(meta) if isinstance(meta, Mapping) else {}, processor)
 
     def prompt(self, rng: np.random.Generator | None, train: bool) -> str:
         """The original prompt at evaluation; a random paraphrase (or the original) in training."""
@@ -191,9 +192,15 @@ def check_box(box: Any, task: str, key: str = "box") -> np.ndarray:
 
 
 def check_boxes(boxes: Any, task: str, key: str = "boxes") -> np.ndarray:
-    if boxes is None:
-        raise ValueError(f"{task}: {key} must be a list of [x1, y1, x2, y2] boxes, got None")
-    items = list(boxes) if not isinstance(boxes, np.ndarray) else list(boxes.reshape(-1, 4)) if boxes.size else []
+    """A list (or (N, 4) array) of pixel boxes as float64 (N, 4); may be empty."""
+    if isinstance(boxes, np.ndarray):
+        if boxes.size and (boxes.ndim != 2 or boxes.shape[1] != 4):
+            raise ValueError(f"{task}: {key} must be (N, 4) [x1, y1, x2, y2] boxes, got shape {boxes.shape}")
+        items = list(boxes) if boxes.size else []
+    elif isinstance(boxes, (list, tuple)):
+        items = list(boxes)
+    else:
+        raise ValueError(f"{task}: {key} must be a list of [x1, y1, x2, y2] boxes, got {type(boxes).__name__}")
     return np.stack([check_box(b, task, f"{key}[{i}]") for i, b in enumerate(items)]) if items else np.zeros((0, 4))
 
 

@@ -222,9 +222,14 @@ class KeypointsTask(Task):
         have = ~np.isnan(points).any(1)
         if have.any():
             fill = points[have].mean(0)
-        else:
-            box = np.asarray(meta.get("box", [0, 0, hw[1], hw[0]]), dtype=np.float64).reshape(-1)
-            fill = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]) if box.size == 4 else np.zeros(2)
+        else:  # nothing predicted: the centre of the person box (or of the image)
+            try:
+                box = np.asarray(meta.get("box"), dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                box = np.zeros(0)
+            if box.size != 4 or not np.isfinite(box).all():
+                box = np.array([0.0, 0.0, hw[1], hw[0]])
+            fill = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
         points[~have] = fill
         kps = np.concatenate([points, vis[:, None].astype(np.float64)], 1)
         return {"keypoints": kps, "score": float(have.mean()) if items else 0.0, "valid": bool(valid)}
