@@ -416,17 +416,16 @@ def _square_side(n: int, what: str, rows: int, text_len: int) -> int:
 
 
 def _guess_text_vocab(text_size: int) -> int:
-    """N for a padded text vocabulary of ``text_size`` ids: T5's 32000 when it fits, else the largest N."""
+    """N for a padded text vocabulary of ``text_size`` ids: T5's 32000 when it fits."""
     if Vocab(text_vocab=32000).text_vocab_size == text_size:
         return 32000
     base = Vocab()
-    n = text_size - base.num_extra_ids  # no padding
-    if n <= 3 or Vocab(text_vocab=n).text_vocab_size != text_size:
-        raise ValueError(f"a text vocabulary of {text_size} ids is not SentencePiece pieces + 1100 extra ids padded "
-                         f"to a multiple of {base.pad_to}")
+    if text_size % base.pad_to or text_size <= base.num_extra_ids + 3:
+        raise ValueError(f"a text vocabulary of {text_size} ids is not SentencePiece pieces + {base.num_extra_ids} "
+                         f"extra ids padded to a multiple of {base.pad_to}")
     raise ValueError(
-        f"the checkpoint's text vocabulary has {text_size} ids, not T5's 33152 (32000 pieces + 1100 extra ids, padded): "
-        "the SentencePiece size cannot be read off the weights; pass the spiece.model (or text_vocab)")
+        f"the checkpoint's text vocabulary has {text_size} ids, not T5's 33152 (32000 pieces + 1100 extra ids, "
+        "padded): the SentencePiece size cannot be read off the weights; pass the spiece.model (or text_vocab)")
 
 
 # ------------------------------------------------------------------------------------------------
