@@ -19,12 +19,11 @@ import re
 import sys
 from pathlib import Path
 
-import braceexpand
-
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_recipes.common import RecipeWriter, open_text, parser, progress, setup_logging  # noqa: E402
+from uio.data.shards import expand_urls  # noqa: E402
 
 VAL_RE = re.compile(r"(validation|valid|val\.|dev)", re.I)
 
@@ -56,7 +55,7 @@ def chunks(text: str, max_chars: int, min_chars: int = 20) -> list[str]:
 def input_files(patterns: list[str]) -> list[Path]:
     files = []
     for pat in patterns:
-        for item in braceexpand.braceexpand(pat):
+        for item in expand_urls(pat):
             p = Path(item)
             files += sorted(p.glob("*.json*")) if p.is_dir() else [p]
     missing = [str(f) for f in files if not f.exists()]

@@ -214,3 +214,10 @@ def test_png16_decoder_all_filters(ftype):
     arr = np.random.default_rng(ftype).integers(0, 65536, (5, 4, 3)).astype(np.uint16)
     np.testing.assert_array_equal(S.decode_png16_rgb(_png16(arr, ftype)), arr)
     np.testing.assert_array_equal(S.decode_png16_rgb(S.encode_png16_rgb(arr)), arr)
+
+
+def test_brace_patterns_expand_inside_pipe_commands(tmp_path):
+    S.write_examples([{"id": i} for i in range(4)], tmp_path, "t", "d", "train", maxcount=2)
+    url = f"pipe:cat {tmp_path}/t/d/train-{{000000..000001}}.tar"
+    assert S.expand_urls(url) == [f"pipe:cat {tmp_path}/t/d/train-00000{i}.tar" for i in range(2)]
+    assert [e["id"] for e in S.read_examples(url)] == [0, 1, 2, 3]

@@ -390,7 +390,9 @@ class MixtureProgress:
 class MixtureDataset(IterableDataset):
     """Endless multi-task stream of encoded samples (contract 2), see the module docstring.
 
-    ``sources``: :class:`MixtureSource` specs. ``encode_fn(task, example, rng) -> sample`` replaces
+    ``sources``: :class:`MixtureSource` specs. ``shuffle_buffer`` raw samples are held per source
+    and reader (the buffer never spans shards), so memory per DataLoader worker is about
+    ``shuffle_buffer x sources x encoded sample size`` -- keep it modest with many image sources. ``encode_fn(task, example, rng) -> sample`` replaces
     the task registry (``processor`` is then unused); with ``encode=False`` raw examples are yielded
     (with ``"task"`` and ``"_mixture"`` keys). ``num_workers`` is the DataLoader's worker count (only
     needed to validate a resumed state before iterating; the real count is read in the worker).

@@ -56,7 +56,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
@@ -512,8 +511,9 @@ def _log_corrupt(stats: ReadStats, what: str, reason: str) -> None:
 
 
 def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
-    """Local paths, brace patterns, ``::``-joined lists, ``pipe:`` commands, manifests or dataset
-    folders (all splits of a bare folder are not implied: pass ``<folder>/manifest.json#split``)."""
+    """Shard urls -> a flat list. Strings are split on ``::`` and brace-expanded (webdataset's rules,
+    also inside ``pipe:`` commands: ``pipe:curl -s https://h/train-{000000..000009}.tar`` is ten
+    commands); ``<dataset dir>/manifest.json#<split>`` becomes that split's shards."""
     if isinstance(urls, (str, Path)):
         urls = [urls]
     out: list[str] = []
@@ -523,8 +523,7 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
             path, split = u.rsplit("#", 1)
             out.extend(manifest_urls(path, split))
             continue
-        for part in u.split("::") if not u.startswith("pipe:") else [u]:
-            out.extend(braceexpand.braceexpand(part) if not part.startswith("pipe:") else [part])
+        out.extend(wds.shardlists.expand_urls(u))
     if not out:
         raise ValueError("no shard urls given")
     return out
