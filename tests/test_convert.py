@@ -149,6 +149,8 @@ def test_reader_bfloat16(tmp_path):
     ("size_mismatch", "needs 24 bytes, found 20"),
     ("empty", "is empty"),
     ("bad_tag", "is not a msgpack type tag"),
+    ("empty_ext", "empty ndarray record"),
+    ("not_triple", "not a \\(shape, dtype, data\\) triple"),
 ])
 def test_reader_rejects_malformed_files(tmp_path, case, message):
     good = flax_bytes({"a": np.ones((2, 3), np.float32)})
@@ -160,6 +162,8 @@ def test_reader_rejects_malformed_files(tmp_path, case, message):
         "size_mismatch": msgpack.packb({"a": msgpack.ExtType(1, msgpack.packb(((2, 3), "float32", b"\0" * 20)))}),
         "empty": b"",
         "bad_tag": b"\x81\xa1a\xc1",
+        "empty_ext": b"\x81\xa1a\xc7\x00\x01",
+        "not_triple": msgpack.packb({"a": msgpack.ExtType(1, msgpack.packb(((2,), "float32")))}),
     }[case]
     path = tmp_path / f"{case}.bin"
     path.write_bytes(data)

@@ -321,6 +321,8 @@ class _Parser:
 
     def _ndarray(self, start: int, end: int) -> ArrayRef:
         """The ext-1 payload: a 3-array (shape, dtype name, raw bytes); data is located, not read."""
+        if end <= start:
+            raise FlaxFormatError(f"empty ndarray record at offset {start}")
         b = self.buf[start]
         if not 0x90 <= b <= 0x9F or (b & 0x0F) != 3:
             raise FlaxFormatError(f"ndarray record at offset {start} is not a (shape, dtype, data) triple")
