@@ -178,3 +178,38 @@ def test_exact_resume_through_lightning_checkpoint(world, processor, tmp_path):
     rest, _ = _fit(world, processor, tmp_path / "c", 7, ckpt=str(tmp_path / "b" / "step=3.ckpt"))
     assert first + rest == full
     assert len(set(itertools.chain(*full))) > 10
+
+
+def test_state_gathers_every_rank_and_each_rank_resumes_its_own_stream(world, processor, monkeypatch):
+    """Under DDP only rank 0 writes the checkpoint: state_dict() gathers the progress of all ranks."""
+    dms, seen = [], []
+    for rank in range(2):
+        dm = UIODataModule(processor, roots=str(world), batch_size=2, num_workers=0, seed=4)
+        dm.trainer = type("T", (), {"global_rank": rank, "world_size": 2})()
+        dm.setup("fit")
+        batches = list(itertools.islice(iter(dm.train_dataloader()), 3 + rank))
+        for b in batches:
+            dm.on_before_batch_transfer(b, 0)
+        dms.append(dm)
+        seen.append([m["id"] + m["mixture"]["source"] for b in batches for m in b["meta"]])
+    states = [dm.train_dataset.progress.state_dict() for dm in dms]
+    with monkeypatch.context() as mp:  # what all_gather_object does on 2 ranks
+        mp.setattr(torch.distributed, "is_initialized", lambda: True)
+        mp.setattr(torch.distributed, "get_world_size", lambda: 2)
+        mp.setattr(torch.distributed, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), states))
+        merged = dms[0].state_dict()
+    assert merged["draws"] == {"0": [6], "1": [8]} and merged["world_size"] == 2
+    for rank in range(2):  # a fresh run of each rank continues exactly after what that rank consumed
+        full = UIODataModule(processor, roots=str(world), batch_size=2, num_workers=0, seed=4)
+        full.trainer = type("T", (), {"global_rank": rank, "world_size": 2})()
+        full.setup("fit")
+        ref = [m["id"] + m["mixture"]["source"] for b in itertools.islice(iter(full.train_dataloader()), 6)
+               for m in b["meta"]]
+        dm = UIODataModule(processor, roots=str(world), batch_size=2, num_workers=0, seed=4)
+        dm.trainer = type("T", (), {"global_rank": rank, "world_size": 2})()
+        dm.load_state_dict(merged)
+        dm.setup("fit")
+        rest = [m["id"] + m["mixture"]["source"] for b in itertools.islice(iter(dm.train_dataloader()), 6 - 3 - rank)
+                for m in b["meta"]]
+        assert seen[rank] + rest == ref
+    assert seen[0][:4] != seen[1][:4]
