@@ -358,7 +358,8 @@ def _person_object(shirt: str, pants: str, skin: tuple, pose: str, x: float, z: 
     lo = np.minimum(joints.min(0), head_c - head_r) - 0.15 * s
     hi = np.maximum(joints.max(0), head_c + head_r) + 0.15 * s
     foot = float(np.hypot(*(joints[:, [0, 2]] - [x, z]).T).max() + 0.08 * s)
-    obj = SceneObject(PERSON, shirt, "large", x, z, yaw, float(head_c[1] + head_r), max(0.3 * s, foot), prims,
+    top = max([float(head_c[1] + head_r)] + [max(a[1], b[1]) + r for a, b, r, _ in caps])  # a raised hand counts
+    obj = SceneObject(PERSON, shirt, "large", x, z, yaw, top, max(0.3 * s, foot), prims,
                       pose=pose, joints=joints)
     obj.bound_center = (lo + hi) / 2
     obj.bound_radius = float(np.linalg.norm(hi - lo) / 2)
@@ -522,17 +523,6 @@ class Scene:
                 col[sel] = prim.color
         return t_best, idx, nrm, col
 
-    def coarse_areas(self, factor: int) -> list[float]:
-        """Approximate visible pixel counts from primary rays at 1/``factor`` resolution."""
-        h, w = self.camera.image_hw
-        cam = Camera(self.camera.height, self.camera.pitch, self.camera.fov_y, (h // factor, w // factor))
-        d = cam.rays()
-        o = np.broadcast_to(cam.origin, d.shape).copy()
-        t_room = self._room(cam, d)[0]
-        t_obj, idx, _, _ = self._cast(o, d, _ScreenCull(cam))
-        ids = np.where(t_obj < t_room, idx, -3)
-        return [float((ids == k).sum()) * factor * factor for k in range(len(self.objects))]
-
     def _room(self, cam: "Camera", d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Distance to the room (floor y = 0 or back wall z = -wall_distance) and the floor flag."""
         with np.errstate(divide="ignore"):
@@ -647,7 +637,7 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig | None = None, max_t
     min_px = max(6, int(cfg.min_visible_frac * cfg.image_size[0] * cfg.image_size[1]))
     for _ in range(max_tries):
         scene = _draw_layout(rng, cfg)
-        _prune(scene, min_px)
+        _prune(scene)
         scene.render()
         while True:  # the exact check at full resolution
             bad = [k for k, a in enumerate(scene.areas) if a < min_px
@@ -661,9 +651,8 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig | None = None, max_t
     raise RuntimeError(f"could not draw a scene with >= 2 visible objects in {max_tries} tries")
 
 
-def _prune(scene: Scene, min_px: int) -> None:
-    """Cheap early removal (saves full renders): people with fewer than 5 joints inside the image,
-    then objects that a quarter-resolution id pass finds (almost) hidden."""
+def _prune(scene: Scene) -> None:
+    """Cheap early removal (saves full renders): people with fewer than 5 joints inside the image."""
     h, w = scene.image_hw
     keep = []
     for o in scene.objects:
@@ -673,10 +662,6 @@ def _prune(scene: Scene, min_px: int) -> None:
                 continue
         keep.append(o)
     scene.objects = keep
-    f = 4 if min(h, w) >= 64 else 1
-    if f > 1:
-        areas = scene.coarse_areas(f)
-        scene.objects = [o for o, a in zip(scene.objects, areas) if a >= min_px / 2]
 
 
 def _few_joints(kp: np.ndarray) -> bool:

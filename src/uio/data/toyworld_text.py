@@ -43,6 +43,12 @@ def cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
+def plural_count(n: int, noun: str) -> str:
+    """"one object", "two objects", "one person", "two people"."""
+    plural = PLURALS.get(noun, noun + "s")
+    return f"{number(n)} {noun if n == 1 else plural}"
+
+
 def number(n: int) -> str:
     return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
 
@@ -227,7 +233,9 @@ class Facts:
         for key, ks in groups.items():
             if len(ks) == 1:
                 items.append(article(key))
-            elif key.startswith(PERSON):
+            elif key == PERSON:
+                items.append(f"{number(len(ks))} people")
+            elif key.startswith(PERSON):  # same shirt colour (the colour is part of the key)
                 items.append(f"{number(len(ks))} people in {self.objects[ks[0]].color} shirts")
             else:
                 color, shape = key.rsplit(" ", 1)
@@ -264,11 +272,11 @@ def describe_object(f: Facts, k: int, rng: np.random.Generator) -> str:
 def describe_scene(f: Facts, rng: np.random.Generator) -> str:
     """A paragraph: the room, then one sentence per object (left to right or shuffled)."""
     sc = f.scene
+    n_people = sum(o.category == PERSON for o in f.objects)
+    n_shapes = f.n - n_people
     head = (f"The room has {article(sc.wall)} wall and {article(sc.floor)} floor. "
-            f"It holds {number(sum(o.category != PERSON for o in f.objects))} objects"
-            + (f" and {number(sum(o.category == PERSON for o in f.objects))} "
-               f"{'person' if sum(o.category == PERSON for o in f.objects) == 1 else 'people'}."
-               if any(o.category == PERSON for o in f.objects) else "."))
+            f"It holds {plural_count(n_shapes, 'object')}")
+    head += f" and {plural_count(n_people, 'person')}." if n_people else "."
     order = np.argsort(f.cx) if rng.random() < 0.5 else rng.permutation(f.n)
     return " ".join([head] + [describe_object(f, int(k), rng) for k in order])
 
@@ -288,9 +296,8 @@ def captions(f: Facts, rng: np.random.Generator, num: int = 5) -> list[str]:
     n_shapes = sum(o.category != PERSON for o in f.objects)
     n_people = f.n - n_shapes
     if n_shapes:
-        count = f"There {'is' if n_shapes == 1 else 'are'} {number(n_shapes)} object{'s' if n_shapes != 1 else ''}"
-        cands.append(count + (f" and {number(n_people)} {'person' if n_people == 1 else 'people'}" if n_people else "")
-                     + f" in the room: {inv}.")
+        count = f"There {'is' if n_shapes == 1 else 'are'} {plural_count(n_shapes, 'object')}"
+        cands.append(count + (f" and {plural_count(n_people, PERSON)}" if n_people else "") + f" in the room: {inv}.")
     pairs = [(a, b) for a in range(f.n) for b in range(f.n) if a != b]
     rng.shuffle(pairs)
     for a, b in pairs[:6]:
