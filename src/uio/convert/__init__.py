@@ -21,8 +21,9 @@ from uio.convert.flax_msgpack import (
 )
 
 _LAZY = {  # names from uio.convert.original, imported on first use (it pulls in the model)
-    "load_original", "convert_checkpoint", "infer_config", "infer_vqgan_config", "original_shapes",
-    "original_transformer_shapes", "original_vqgan_shapes", "ConversionError", "DROPPED",
+    "load_original", "convert_to_directory", "convert_checkpoint", "build_plan", "check_config", "infer_config",
+    "infer_vqgan_config", "original_shapes", "original_transformer_shapes", "original_vqgan_shapes",
+    "write_original_checkpoint", "ConversionError", "Plan", "DEAD",
 }
 
 
