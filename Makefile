@@ -20,6 +20,9 @@ test:  ## the default (fast) suite, as CI runs it
 test-all:  ## everything except GPU tests, including slow end-to-end runs
 	$(PY) -m pytest -q -m "not gpu" -n 2 --dist loadgroup
 
+toyworld:  ## build the embedded default dataset (toy-world shards under $$UIO_HOME/toyworld) and draw a sample grid
+	$(PY) -m uio.data.toyworld build && $(PY) -m uio.data.toyworld show --out toyworld_grid.png
+
 bench:  ## CPU benchmarks against Hugging Face T5 (a few minutes)
 	$(PY) bench/train_step.py && $(PY) bench/generate.py && $(PY) bench/data_loading.py
 
