@@ -15,8 +15,6 @@ from uio.data.toyworld_tasks import ALL_TASKS, IMAGE_TASKS, NLI_LABELS, scene_ex
 from uio.data.toyworld_text import RELATIONS, Facts, all_labels
 
 SIZE = 96  # small renders keep the suite fast
-BOX = list
-STR = str
 
 # design.md contract 1: the keys of each task besides id/dataset/image
 CONTRACT: dict[str, dict[str, str]] = {

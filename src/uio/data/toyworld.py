@@ -108,7 +108,8 @@ def iter_toyworld_examples(split: str = "train", num_scenes: int = 16, seed: int
             for ex in exs:
                 yield task, ex
     if "span_corruption" in tasks:
-        yield from (("span_corruption", ex) for ex in _span_examples(split, max_passages or num_scenes))
+        limit = num_scenes if max_passages is None else max_passages
+        yield from (("span_corruption", ex) for ex in _span_examples(split, limit))
 
 
 def _span_examples(split: str, limit: int | None) -> Iterator[dict[str, Any]]:

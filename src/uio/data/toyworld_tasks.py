@@ -15,7 +15,7 @@ import numpy as np
 
 from uio.data.toyworld_scene import CATEGORIES, COLORS, PERSON, SHAPES, Scene
 from uio.data.toyworld_text import (
-    PLURALS, POSE_VERBS, Facts, all_labels, article, captions, describe_scene, join_list, noun_phrase, number,
+    PLURALS, POSE_VERBS, Facts, all_labels, article, captions, describe_scene, noun_phrase, number,
     short_summary)
 
 DATASET = "toyworld"
@@ -340,7 +340,3 @@ def scene_examples(scene: Scene, rng: np.random.Generator, scene_id: str,
         makers[task]()
     return out
 
-
-def summary_of_counts(examples: dict[str, list[dict[str, Any]]]) -> str:
-    """"vqa: 3, detection: 1, ..." (for logs)."""
-    return join_list([f"{t}: {len(v)}" for t, v in examples.items()])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from uio.data.toyworld_scene import COLORS, PERSON, SHAPES, SIZES, Scene, SceneObject
+from uio.data.toyworld_scene import COLORS, PERSON, SHAPES, Scene, SceneObject
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 PLURALS = {"cube": "cubes", "sphere": "spheres", "cylinder": "cylinders", "cone": "cones", "pyramid": "pyramids",
@@ -113,8 +113,6 @@ class Facts:
             ra, rb = _size_rank(oa), _size_rank(ob)
             if pred == "smaller than":
                 ra, rb = rb, ra
-            if ra is None or rb is None:  # a person next to a large shape: no clear answer
-                return None
             if ra > rb:
                 return True
             if ra < rb or oa.category == ob.category:
@@ -243,15 +241,9 @@ class Facts:
         return join_list(items)
 
 
-def _size_rank(o: SceneObject) -> int | None:
-    if o.category == PERSON:
-        return 3
-    return SIZE_RANK[o.size]
-
-
-def size_rank_or_person(o: SceneObject) -> int:
-    r = _size_rank(o)
-    return -1 if r is None else r
+def _size_rank(o: SceneObject) -> int:
+    """small < medium < large shapes < people (1.6-1.9 m tall, over twice a large shape)."""
+    return 3 if o.category == PERSON else SIZE_RANK[o.size]
 
 
 def describe_object(f: Facts, k: int, rng: np.random.Generator) -> str:
