@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from uio.config import ModelConfig
+from uio.inference import InferenceMixin
 from uio.modeling.generation import AllowedTokens, GenerationOutput, Options
 from uio.modeling.generation import generate as _generate
 from uio.modeling.generation import score_options as _score_options
@@ -63,8 +64,9 @@ def _is_int(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
-class Model(nn.Module):
-    """Network + optional frozen image tokenizer + optional text tokenizer."""
+class Model(InferenceMixin, nn.Module):
+    """Network + optional frozen image tokenizer + optional text tokenizer. The task methods
+    (``caption``, ``detect``, ``depth``, ...) come from :class:`uio.inference.InferenceMixin`."""
 
     def __init__(self, config: ModelConfig, image_tokenizer: nn.Module | None = None, text_tokenizer: Any = None,
                  init: bool = True):
@@ -273,7 +275,6 @@ class Model(nn.Module):
         visible patches per row (training-time subsampling)."""
         b = self._check_batch(batch, targets=True)
         net, vocab = self.network, self.vocab
-        enc = net.encode(b["text_inputs"], b["image_inputs"], b["image_input_masks"], num_patches, generator)
         tt = b["text_targets"]  # (B, Ld)
         bsz, ld = tt.shape
         inputs = [torch.cat([torch.zeros_like(tt[:, :1]), tt[:, :-1]], 1)]  # shift right, 0 start
@@ -284,7 +285,10 @@ class Model(nn.Module):
             inputs.append(torch.cat([bos, codes[:, :-1] + vocab.image_offset], 1))
             valid.append(tmask)
         ids, key_valid = torch.cat(inputs, 1), torch.cat(valid, 1)  # (B, Ld+Ni)
-        hidden = net.decode(enc, ids, ld, key_valid)  # (B, Ld+Ni, d)
+        text_emb, dec_emb = net.embed_tokens(b["text_inputs"], ids)  # one lookup in the tied table
+        enc = net.encode(b["text_inputs"], b["image_inputs"], b["image_input_masks"], num_patches, generator,
+                         text_emb=text_emb)
+        hidden = net.decode(enc, ids, ld, key_valid, input_emb=dec_emb)  # (B, Ld+Ni, d)
 
         # per-token negative log-likelihoods, only at valid targets (text: text ids, image: codes)
         vt = valid[0]
