@@ -494,3 +494,25 @@ def test_bad_generation_arguments(tiny_model):
         tiny_model.generate(batch, method="nucleus")
     with pytest.raises(ValueError, match="num_patches must be in"):
         tiny_model(batch, num_patches=17)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_sliced_logit_gradients_match_autograd(tiny_model, autocast):
+    """The tied head's lean backward gives autograd's gradients of ``hidden @ E[a:b]^T``."""
+    net = tiny_model.network
+    v = net.vocab
+    hidden = torch.randn(2, 3, net.config.d_model, requires_grad=True)
+    for modality, rows in (("text", slice(0, v.text_vocab_size)), ("image", slice(v.image_offset, v.size))):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = net.logits(hidden, modality)
+            w = net.token_embedder.weight
+            want = torch.nn.functional.linear(hidden, w[rows]).float() / math.sqrt(net.config.d_model)
+        upstream = torch.randn_like(got)
+        g_got = torch.autograd.grad((got * upstream).sum(), [hidden, w])
+        g_want = torch.autograd.grad((want * upstream).sum(), [hidden, w])
+        tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, want, **tol)
+        for a, b in zip(g_got, g_want):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, **tol)
+        assert torch.all(g_got[1][: rows.start] == 0) and torch.all(g_got[1][rows.stop :] == 0)

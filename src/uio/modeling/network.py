@@ -175,15 +175,17 @@ class Encoder(nn.Module):
         return resize_position_embeddings(table, cfg.patch_grid, tuple(grid))
 
     def forward(self, token_embedder: nn.Embedding, text_ids: torch.Tensor, patches: torch.Tensor,
-                image_mask: torch.Tensor, image_ids: torch.Tensor | None, grid: tuple[int, int]) -> EncoderOutput:
+                image_mask: torch.Tensor, image_ids: torch.Tensor | None, grid: tuple[int, int],
+                text_emb: torch.Tensor | None = None) -> EncoderOutput:
         """text_ids (B, Lt), patches (B, Li, 3p^2), image_mask (B, Li) bool, image_ids (1|B, Li) row-major
-        patch ids within ``grid`` (None = all patches in order)."""
+        patch ids within ``grid`` (None = all patches in order); ``text_emb`` (B, Lt, d): the token
+        embeddings of ``text_ids`` if already looked up."""
         cfg = self.config
         b, nt = text_ids.shape
         ni = patches.shape[1]
         seg = self.segment_embedding.weight
         pos_txt = self.position_embedding.weight[:nt][None]  # (1, Lt, d)
-        x_txt = token_embedder(text_ids) + seg[0]
+        x_txt = (token_embedder(text_ids) if text_emb is None else text_emb) + seg[0]
         x_txt = self.txt_emb_pre_ln(x_txt + pos_txt)
         if ni:
             table = self.image_position_table(grid)
@@ -273,15 +275,15 @@ class Decoder(nn.Module):
                                             cfg.num_heads, cfg.d_model)
 
     def embed(self, token_embedder: nn.Embedding, ids: torch.Tensor, positions: torch.Tensor,
-              segments: torch.Tensor) -> torch.Tensor:
+              segments: torch.Tensor, token_emb: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, n) -> pre_ln(token + position + segment) (B, n, d)."""
-        y = token_embedder(ids) + self.position_embedding(positions)
+        y = (token_embedder(ids) if token_emb is None else token_emb) + self.position_embedding(positions)
         y = self.pre_ln(y + self.segments_embedding(segments))
         return _dropout(y, self.config.dropout, self.training)
 
     # ---- teacher forcing ----------------------------------------------------------------------
     def forward(self, token_embedder: nn.Embedding, input_ids: torch.Tensor, text_len: int,
-                key_valid: torch.Tensor, enc: EncoderOutput) -> torch.Tensor:
+                key_valid: torch.Tensor, enc: EncoderOutput, input_emb: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B*G, L) with ``text_len`` text slots first; key_valid (B*G, L) bool.
 
         The G decoder rows of a group share encoder row ``b`` (answer options, beams).
@@ -290,7 +292,7 @@ class Decoder(nn.Module):
         bg, length = input_ids.shape
         device = input_ids.device
         positions, segments = self.layout(text_len, length - text_len, device)
-        y = self.embed(token_embedder, input_ids, positions, segments)
+        y = self.embed(token_embedder, input_ids, positions, segments, input_emb)
         causal = torch.ones(length, length, dtype=torch.bool, device=device).tril_()
         self_bias = mask_to_bias(causal[None] & key_valid[:, None, :])[:, None]  # (B*G, 1, L, L)
         self_bias = self_bias + self.layout_bias(text_len, length - text_len)  # (B*G, H, L, L)
@@ -345,6 +347,44 @@ class Decoder(nn.Module):
             y = layer.forward_cached(y, state.cache.keys[i], state.cache.values[i], start, bias,
                                      state.cross_k[i], state.cross_v[i], state.cross_bias)
         return self.decoder_norm(y)
+
+
+class _RowSliceLinear(torch.autograd.Function):
+    """``F.linear(x, weight[start:end])`` whose weight gradient is built in one full-size buffer
+    (zeroing only the rows outside the slice) instead of slice-backward's zero-fill of the whole
+    table plus a copy: the tied table is the largest tensor of the model."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        w = weight[start:end]
+        with torch.autocast(device, enabled=False):
+            if dtype is not None:  # cast once and keep the cast table for backward
+                x, w = x.to(dtype), w.to(dtype)
+            else:
+                dtype = torch.promote_types(x.dtype, w.dtype)
+                x, w = x.to(dtype), w.to(dtype)
+            out = F.linear(x, w)
+        ctx.save_for_backward(x, w)
+        ctx.meta = (start, end, weight.shape, weight.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors  # both in the compute dtype
+        start, end, shape, wdtype = ctx.meta
+        g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ w).view(*x.shape[:-1], -1)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.empty(shape, dtype=wdtype, device=w.device)
+            grad_w[:start].zero_()
+            grad_w[end:].zero_()
+            part = g.t() @ x.reshape(-1, x.shape[-1])  # (end-start, d)
+            grad_w[start:end].copy_(part)
+        return grad_x, grad_w, None, None
 
 
 # ================================================================================================
@@ -424,14 +464,14 @@ class UnifiedIONetwork(nn.Module):
 
     def encode(self, text_inputs: torch.Tensor, image_inputs: torch.Tensor | None = None,
                image_input_masks: torch.Tensor | None = None, num_patches: int | None = None,
-               generator: torch.Generator | None = None) -> EncoderOutput:
+               generator: torch.Generator | None = None, text_emb: torch.Tensor | None = None) -> EncoderOutput:
         """text_inputs (B, Lt) int64 (0 = pad), image_inputs (B, 3, H, W) normalised or None,
-        image_input_masks (B, P) bool (None = all visible)."""
+        image_input_masks (B, P) bool (None = all visible); ``text_emb``: precomputed token embeddings."""
         b = text_inputs.shape[0]
         if image_inputs is None:
             patches = self.token_embedder.weight.new_zeros(b, 0, 3 * self.config.patch_size**2)
             mask = torch.zeros(b, 0, dtype=torch.bool, device=text_inputs.device)
-            return self.encoder(self.token_embedder, text_inputs, patches, mask, None, (0, 0))
+            return self.encoder(self.token_embedder, text_inputs, patches, mask, None, (0, 0), text_emb)
         patches, grid = self.patchify(image_inputs)
         if image_input_masks is None:
             image_input_masks = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
@@ -442,13 +482,25 @@ class UnifiedIONetwork(nn.Module):
             else:
                 patches = torch.gather(patches, 1, ids[:, :, None].expand(-1, -1, patches.shape[-1]))
                 image_input_masks = torch.gather(image_input_masks, 1, ids)
-        return self.encoder(self.token_embedder, text_inputs, patches, image_input_masks, ids, grid)
+        return self.encoder(self.token_embedder, text_inputs, patches, image_input_masks, ids, grid, text_emb)
 
     # ---- decoder ------------------------------------------------------------------------------
     def decode(self, enc: EncoderOutput, input_ids: torch.Tensor, text_len: int,
-               key_valid: torch.Tensor) -> torch.Tensor:
+               key_valid: torch.Tensor, input_emb: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced decoder hidden states (B*G, L, d); see :meth:`Decoder.forward`."""
-        return self.decoder(self.token_embedder, input_ids, text_len, key_valid, enc)
+        return self.decoder(self.token_embedder, input_ids, text_len, key_valid, enc, input_emb)
+
+    def embed_tokens(self, *ids: torch.Tensor) -> list[torch.Tensor]:
+        """Token embeddings of several id tensors through one lookup. The table is tied to the
+        logits, so every separate lookup costs a full-table gradient buffer in backward; one
+        lookup for the encoder and decoder inputs saves one."""
+        flat = torch.cat([i.reshape(-1) for i in ids])
+        emb = self.token_embedder(flat)
+        out, start = [], 0
+        for i in ids:
+            out.append(emb[start : start + i.numel()].view(*i.shape, -1))
+            start += i.numel()
+        return out
 
     def logits(self, hidden: torch.Tensor, modality: str | None = None) -> torch.Tensor:
         """Float32 logits ``hidden @ E^T / sqrt(d_model)``.
@@ -458,12 +510,18 @@ class UnifiedIONetwork(nn.Module):
         """
         w = self.token_embedder.weight
         if modality == "text":
-            w = w[: self.vocab.text_vocab_size]
+            start, end = 0, self.vocab.text_vocab_size
         elif modality == "image":
-            w = w[self.vocab.image_offset :]
-        elif modality is not None:
+            start, end = self.vocab.image_offset, w.shape[0]
+        elif modality is None:
+            start, end = 0, w.shape[0]
+        else:
             raise ValueError(f"modality must be 'text', 'image' or None, got {modality!r}")
-        return F.linear(hidden, w).float() / math.sqrt(self.config.d_model)
+        if torch.is_grad_enabled() and w.requires_grad and (start, end) != (0, w.shape[0]):
+            logits = _RowSliceLinear.apply(hidden, w, start, end)
+        else:
+            logits = F.linear(hidden, w[start:end])
+        return logits.float() / math.sqrt(self.config.d_model)
 
     def masked_logits(self, hidden: torch.Tensor, text_len: int) -> torch.Tensor:
         """Full-vocabulary logits (B, L, V) with the modality masks: slots ``< text_len`` get -1e10
