@@ -516,3 +516,25 @@ def test_sliced_logit_gradients_match_autograd(tiny_model, autocast):
             assert a.dtype == b.dtype
             torch.testing.assert_close(a, b, **tol)
         assert torch.all(g_got[1][: rows.start] == 0) and torch.all(g_got[1][rows.stop :] == 0)
+
+
+def test_text_only_batches_skip_the_image(tiny_model):
+    """All patches invisible (the collate contract for text-only rows) == no image at all."""
+    cfg = tiny_model.config
+    batch = make_batch(cfg, image_targets=False)
+    batch["image_input_masks"] = torch.zeros_like(batch["image_input_masks"])
+    no_image = {k: v for k, v in batch.items() if k not in ("image_inputs", "image_input_masks")}
+    with torch.no_grad():
+        a, b = tiny_model(batch), tiny_model(no_image)
+    torch.testing.assert_close(a.per_example_loss, b.per_example_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_relative_tables_stay_bounded():
+    rp = RelativePositionBiases(num_heads=2)
+    rp.reset_parameters()
+    for n in range(1, 60):
+        rp(n, None, (2, 2), bidirectional=False)
+    assert len(rp._index_cache) == rp.max_cached_layouts
+    assert rp.text_buckets(40, False, torch.device("cpu")).shape == (40, 40)
+    assert torch.equal(rp.text_buckets(5, True, torch.device("cpu")),
+                       relative_position_bucket(torch.arange(5)[None, :] - torch.arange(5)[:, None]))

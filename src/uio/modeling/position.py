@@ -11,7 +11,8 @@
 
 Bucket formulas follow ``RelativePositionBiases`` in the original ``uio/t5x_layers.py``, including
 the ``+ float32 eps`` inside the logarithm and the float32 arithmetic (it decides ties such as a
-distance of exactly 16 -> bucket 10). Bucket index tables are cached per (length, grid, device).
+distance of exactly 16 -> bucket 10). Bucket tables are cached per grid and device, the combined
+(text + image) index tables of the most recent layouts in a small LRU.
 """
 from __future__ import annotations
 
@@ -89,7 +90,9 @@ class RelativePositionBiases(nn.Module):
         self.num_image_buckets = 4 * img_num_buckets**2
         self.rel_embedding = nn.Parameter(torch.empty(num_heads, num_buckets))
         self.image_rel_embedding = nn.Parameter(torch.empty(num_heads, self.num_image_buckets))
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}  # bucket tables
+        self._index_cache: dict[tuple, torch.Tensor] = {}  # combined (L, L) layouts, LRU
+        self.max_cached_layouts = 16
 
     def reset_parameters(self) -> None:
         from uio.modeling.layers import uniform_fan_avg_
@@ -105,13 +108,19 @@ class RelativePositionBiases(nn.Module):
 
     # ---- cached index tables ------------------------------------------------------------------
     def text_buckets(self, length: int, bidirectional: bool, device: torch.device) -> torch.Tensor:
-        """(L, L) T5 buckets for text positions 0..L-1 (query rows, key columns)."""
-        key = ("text", length, bidirectional, str(device))
-        if key not in self._cache:
-            pos = torch.arange(length, device=device)
-            self._cache[key] = relative_position_bucket(pos[None, :] - pos[:, None], bidirectional,
-                                                        self.num_buckets, self.max_distance)
-        return self._cache[key]
+        """(L, L) T5 buckets for text positions 0..L-1 (query rows, key columns).
+
+        Buckets depend on the distance only, so one table of the longest length seen is kept and
+        sliced (bounded memory however many text lengths training produces)."""
+        key = ("text", bidirectional, str(device))
+        table = self._cache.get(key)
+        if table is None or table.shape[0] < length:
+            n = max(length, 64 if table is None else 2 * table.shape[0])
+            pos = torch.arange(n, device=device)
+            table = relative_position_bucket(pos[None, :] - pos[:, None], bidirectional, self.num_buckets,
+                                             self.max_distance)
+            self._cache[key] = table
+        return table[:length, :length]
 
     def image_buckets(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         """(P, P) 2-D buckets between all patches of a ``grid`` (rows, cols), row-major ids."""
@@ -132,8 +141,9 @@ class RelativePositionBiases(nn.Module):
         """
         if image_ids is None:
             key = ("index", text_len, tuple(grid), bidirectional, str(device))
-            if key in self._cache:
-                return self._cache[key]
+            if key in self._index_cache:
+                self._index_cache[key] = self._index_cache.pop(key)  # most recently used last
+                return self._index_cache[key]
         nt = text_len
         full = self.image_buckets(grid, device) if grid[0] * grid[1] else None
         if image_ids is None:
@@ -149,7 +159,9 @@ class RelativePositionBiases(nn.Module):
         if ni:
             out[:, nt:, nt:] = img
         if image_ids is None:
-            self._cache[key] = out
+            self._index_cache[key] = out
+            while len(self._index_cache) > self.max_cached_layouts:  # LRU: layouts vary with text length
+                self._index_cache.pop(next(iter(self._index_cache)))
         return out
 
     def forward(self, text_len: int, image_ids: torch.Tensor | None, grid: tuple[int, int],
