@@ -1,6 +1,7 @@
 """Training: the paper's optimiser and schedule, atomic checkpoints, the LightningModule, exact resume."""
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -159,3 +160,162 @@ def test_atomic_directory_swap(tmp_path):
     # a crash between the two renames: the old copy is put back
     os.replace(final, tmp_path / ".step3.ckpt.old")
     assert recover_dir(final) == final and (final / "shard0").read_text() == "2"
+
+
+# ---- the LightningModule and the runner on a tiny toy world ------------------------------------
+TASKS = ["image_captioning", "vqa", "object_localization", "depth", "image_classification", "span_corruption",
+         "text_classification"]
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    """A few toy-world scenes (64 px) for seven tasks covering six task groups; a few seconds."""
+    from uio.data.toyworld import ensure_toyworld
+
+    root = tmp_path_factory.mktemp("toyworld")
+    ensure_toyworld(root, num_train_scenes=16, num_val_scenes=4, image_size=64, max_passages=60, progress=False,
+                    tasks=TASKS, num_workers=1)
+    return root
+
+
+def tiny_overrides(root, tok_dir, run_dir, *extra: str) -> list[str]:
+    """tiny_multitask, shrunk: a 2+2-layer 64-wide model, 4-example batches, the test VQ-GAN."""
+    return ["+experiment=tiny_multitask", "tokenizer=vqgan_test", f"text_tokenizer.path={tok_dir}",
+            "data.toyworld=null", f"data.roots=[{root}]", f"mixture.tasks=[{','.join(TASKS)}]",
+            "model.d_model=64", "model.num_heads=2", "model.head_dim=32", "model.d_ff=128",
+            "model.num_encoder_layers=2", "model.num_decoder_layers=2", "model.image_input_size=[64,64]",
+            "model.encoder_max_text_len=64", "model.decoder_max_text_len=64",
+            "data.batch_size=4", "data.num_workers=0", "data.val_examples_per_task=2", "train.num_patches=8",
+            "trainer.max_steps=4", "trainer.log_every_n_steps=1", "trainer.val_check_interval=null",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+            "callbacks.checkpoint.every_n_train_steps=2", "logger=csv", "+logger.csv.flush_logs_every_n_steps=1",
+            f"paths.run_dir={run_dir}", *extra]
+
+
+def compose_cfg(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from uio.cli import conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def read_metrics(run_dir) -> dict[int, dict[str, float]]:
+    """metrics.csv -> {step: {key: value}} (non-empty cells only)."""
+    import csv
+
+    out: dict[int, dict[str, float]] = {}
+    with open(os.path.join(run_dir, "csv", "metrics.csv")) as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            out.setdefault(step, {}).update({k: float(v) for k, v in row.items() if v != "" and k != "step"})
+    return out
+
+
+def test_tiny_steps_log_checkpoint_validate_and_export(toy_root, text_tokenizer, tmp_path):
+    from uio.model import Model
+    from uio.tasks import get_task
+    from uio.training.module import UIOLitModule
+    from uio.training.train import run
+
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg(tiny_overrides(toy_root, text_tokenizer.model_file.parent, run_dir,
+                                     "trainer.val_check_interval=4"))
+    summary = run(cfg)
+    assert summary["steps"] == 4 and summary["world_size"] == 1
+    metrics = read_metrics(run_dir)
+    train = [metrics[s]["train/loss"] for s in range(4)]
+    assert all(math.isfinite(v) for v in train)
+    groups = {get_task(t).group for t in TASKS}
+    logged = {k.removeprefix("train/loss/") for m in metrics.values() for k in m if k.startswith("train/loss/")}
+    assert logged and logged <= groups
+    assert any("train/tokens_per_s" in m for m in metrics.values())
+    assert any(k.startswith("lr-") for m in metrics.values() for k in m)
+    val = {k for m in metrics.values() for k in m if k.startswith("val/")}
+    assert "val/loss" in val and {f"val/{t}/loss" for t in TASKS} <= val
+    for key in ("val/vqa/acc", "val/image_classification/acc", "val/object_localization/acc",
+                "val/text_classification/acc"):  # the task metrics, from generation / candidate scoring
+        assert key in val, sorted(val)
+    # checkpoints (periodic + last) and the export in the inference format
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step0000002.ckpt", "step0000004.ckpt"]
+    exported = Model.from_pretrained(summary["export_dir"])
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, state["state_dict"][f"model.{k}"]), k
+    assert state["global_step"] == 4 and state["lr_schedulers"] and state["optimizer_states"]
+    assert any("Mixture" in k or "DataModule" in k for k in state), sorted(state)  # the data position
+    # the checkpoint rebuilds the module from plain hyperparameters, without Hydra
+    m = UIOLitModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert torch.equal(m.model.network.token_embedder.weight, exported.network.token_embedder.weight)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAtStep:
+    """Raise at the start of optimizer step ``step`` (after the checkpoint of the step before)."""
+
+    def __new__(cls, step: int):
+        import lightning.pytorch as pl
+
+        class _Kill(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    raise Killed(f"killed at step {step}")
+
+        return _Kill()
+
+
+def test_kill_and_resume_logs_the_same_losses(toy_root, text_tokenizer, tmp_path):
+    """8 steps straight vs. killed at step 5 (last checkpoint: step 4) + resume=last: identical
+    per-step losses, learning rates and final weights (optimizer, schedule, step, data position
+    and patch sampling all restored)."""
+    import shutil
+
+    from uio.training.train import run
+
+    base = tiny_overrides(toy_root, text_tokenizer.model_file.parent, "RUN", "trainer.max_steps=8",
+                          "train.export=false")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(compose_cfg([o.replace("RUN", str(straight)) for o in base]))
+    with pytest.raises(Killed):
+        run(compose_cfg([o.replace("RUN", str(killed)) for o in base]), callbacks=[KillAtStep(5)])
+    before = read_metrics(killed)
+    assert max(s for s, m in before.items() if "train/loss" in m) == 4  # steps 0..4 ran, 4 was not saved
+    shutil.copy(killed / "csv" / "metrics.csv", tmp_path / "before.csv")
+    run(compose_cfg([o.replace("RUN", str(killed)) for o in base] + ["resume=last"]))
+    after = read_metrics(killed)
+    a, b = read_metrics(straight), {**before, **after}
+    for step in range(8):
+        assert b[step]["train/loss"] == a[step]["train/loss"], (step, b[step]["train/loss"], a[step]["train/loss"])
+        for k in a[step]:
+            if k.startswith(("train/loss", "lr-")):
+                assert b[step][k] == a[step][k], (step, k)
+    assert min(s for s, m in after.items() if "train/loss" in m) == 4  # the resumed run started at step 4
+    sa = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    sb = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert sa["global_step"] == sb["global_step"] == 8
+    for k, v in sa["state_dict"].items():
+        assert torch.equal(v, sb["state_dict"][k]), k
+
+
+# ---- module helpers ------------------------------------------------------------------------------
+def test_group_losses_and_token_counts():
+    from uio.training.module import UIOLitModule, _step_seed, count_tokens, select_rows
+
+    tasks = ["vqa", "depth", "vqa", "span_corruption"]
+    pel = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    got = {g: (float(v), n) for g, v, n in UIOLitModule._group_losses(tasks, pel)}
+    assert got == {"vision_language": (2.0, 2), "dense_labelling": (2.0, 1), "language_modelling": (4.0, 1)}
+    batch = {"text_inputs": torch.tensor([[5, 6, 1, 0], [7, 1, 0, 0]]), "text_targets": torch.tensor([[8, 1], [1, 0]]),
+             "image_input_masks": torch.tensor([[True] * 6, [False] * 6]),
+             "image_target_masks": torch.tensor([[True, True, True], [False] * 3]),
+             "tasks": ["vqa", "span_corruption"], "meta": [{"a": 1}, {"b": 2}]}
+    assert count_tokens(batch, None) == 5 + 3 + 6 + 3 and count_tokens(batch, 4) == 5 + 3 + 4 + 3
+    sub = select_rows(batch, [1])
+    assert sub["tasks"] == ["span_corruption"] and sub["meta"] == [{"b": 2}] and sub["text_inputs"].shape == (1, 4)
+    assert _step_seed(0, 5, 0) == _step_seed(0, 5, 0) != _step_seed(0, 5, 1) != _step_seed(0, 6, 0)

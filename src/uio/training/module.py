@@ -101,6 +101,7 @@ class UIOLitModule(pl.LightningModule):
         self._processor = None
         self._val_loss: dict[str, tuple[float, int]] = {}
         self.loss_history: dict[str, list[tuple[int, float]]] = {}
+        self._group_acc: dict[str, tuple[float, int]] = {}  # group -> (loss sum, rows) since the last log
 
     # ---- construction ----------------------------------------------------------------------------
     @staticmethod
@@ -181,18 +182,50 @@ class UIOLitModule(pl.LightningModule):
         bsz = len(batch["tasks"])
         loss = out.loss.detach().float()
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bsz)
-        self._record("all", loss)
+        self._record("all", float(loss))
         if self.train_cfg["log_group_losses"]:
-            for group, value, count in self._group_losses(batch["tasks"], out.per_example_loss):
-                self.log(f"train/loss/{group}", value, on_step=True, batch_size=count)
-                self._record(group, value)
+            self._log_group_losses(batch["tasks"], out.per_example_loss)
         self._tokens = count_tokens(batch, n) * self.trainer.world_size
         return out.loss
 
-    def _record(self, name: str, value: torch.Tensor) -> None:
+    def _record(self, name: str, value: float) -> None:
         """Keep (step, loss) on rank 0 for the end-of-run summary (first vs last losses)."""
         if self.global_rank == 0:
-            self.loss_history.setdefault(name, []).append((int(self.global_step), float(value)))
+            self.loss_history.setdefault(name, []).append((int(self.global_step), value))
+
+    def _log_group_losses(self, tasks: Sequence[str], per_example: torch.Tensor) -> None:
+        """``train/loss/<group>``: the mean per-example loss of each task group over the rows of
+        every rank since the last logging step (groups absent from that window are not logged;
+        Lightning's ``self.log`` would repeat their stale values)."""
+        from uio.tasks.base import GROUPS
+
+        for group, value, count in self._group_losses(tasks, per_example):
+            s, n = self._group_acc.get(group, (0.0, 0))
+            self._group_acc[group] = (s + float(value) * count, n + count)
+        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 1) or 1))
+        if (self.global_step + 1) % every:
+            return
+        acc = self._group_acc
+        if self.trainer.world_size > 1:
+            t = torch.tensor([[acc.get(g, (0.0, 0))[0], acc.get(g, (0.0, 0))[1]] for g in GROUPS],
+                             dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(t)
+            acc = {g: (float(t[i, 0]), int(t[i, 1])) for i, g in enumerate(GROUPS) if t[i, 1] > 0}
+        self._group_acc = {}
+        means = {g: s / n for g, (s, n) in sorted(acc.items()) if n}
+        for g, v in means.items():
+            self._record(g, v)
+        if self.global_rank == 0 and means:
+            for lg in self.loggers:
+                lg.log_metrics({f"train/loss/{g}": v for g, v in means.items()}, step=self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["uio_training"] = {"loss_history": self.loss_history, "group_acc": self._group_acc}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("uio_training") or {}
+        self.loss_history = {k: [tuple(x) for x in v] for k, v in state.get("loss_history", {}).items()}
+        self._group_acc = dict(state.get("group_acc", {}))
 
     @staticmethod
     def _group_losses(tasks: Sequence[str], per_example: torch.Tensor):

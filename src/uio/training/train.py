@@ -316,7 +316,8 @@ def _clone_tok(tok):
 
 def summarize(module, trainer, run_dir: Path, export_dir: Path | None, seconds: float) -> dict[str, Any]:
     """First vs last training loss per task group (means over the first/last 10% of steps)."""
-    out: dict[str, Any] = {"steps": int(trainer.global_step), "seconds": round(seconds, 1),
+    out: dict[str, Any] = {"steps": int(trainer.global_step), "world_size": int(trainer.world_size),
+                           "seconds": round(seconds, 1),
                            "checkpoint_dir": None, "export_dir": str(export_dir) if export_dir else None,
                            "groups": {}}
     ck = getattr(trainer, "checkpoint_callback", None)
@@ -347,8 +348,10 @@ def _print_summary(s: Mapping[str, Any]) -> None:
 
 
 # ---- entry ------------------------------------------------------------------------------------------
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train according to a composed config; returns the summary (rank 0) or {}."""
+def run(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Train according to a composed config; returns the summary (rank 0) or {}.
+
+    ``callbacks``: extra Lightning callbacks (objects) besides the configured ones."""
     if cfg.get("job", "multitask") == "vqgan":
         from uio.image_tokenizer.training import run as run_vqgan
 
@@ -360,7 +363,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     torch.set_float32_matmul_precision("high")
     t0 = time.time()
     dm, module, _ = build_components(cfg)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, callbacks)
     ckpt = resolve_resume(cfg)
     if ckpt:
         _log(f"resuming from {ckpt}")
