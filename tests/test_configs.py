@@ -185,7 +185,7 @@ def test_uio_eval_lists_tasks_when_bare(tmp_path):
     assert r.returncode == 0, r.stderr
     for name in TASKS:
         assert name in r.stdout
-    r = _run([str(BIN / "uio-eval"), "task=depth"], tmp_path)
+    r = _run([str(BIN / "uio-eval"), "task=depth", "describe=true"], tmp_path)
     assert r.returncode == 0 and "group: dense_labelling" in r.stdout
     assert list(tmp_path.iterdir()) == [] or [p.name for p in tmp_path.iterdir()] == ["home"]
 

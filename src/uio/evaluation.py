@@ -191,12 +191,12 @@ def resolve_data(data: str | Path | Sequence[str] | None, task: str, split: str,
                 raise ValueError(f"{manifest} holds task {m.get('task')!r}, not {task!r}")
             if split not in manifest_splits(m):
                 raise KeyError(f"{manifest} has no {split!r} split (it has {sorted(manifest_splits(m))})")
-            return [manifest_urls(manifest, split)]
+            return [u for u in [manifest_urls(manifest, split)] if u]  # a split may hold no shards
         if p.is_dir() and not list(p.glob("*.tar")):
             found = discover(p, split=split, tasks=[task])
             if not found:
                 raise FileNotFoundError(f"no {task}/<dataset>/manifest.json with a {split!r} split under {p}")
-            return [manifest_urls(f["dir"], split) for f in found]
+            return [u for u in (manifest_urls(f["dir"], split) for f in found) if u]
         if p.is_dir():
             return [sorted(str(t) for t in p.glob("*.tar"))]
     return [expand_urls(data)]  # tar files, brace patterns, pipe: URLs
