@@ -89,6 +89,24 @@ def test_restart_dead_codes_replaces_only_unused_codes_from_recent_outputs(tmp_p
     assert float(module.window_counts.sum()) == 0  # a new window starts
 
 
+def test_schedule_follows_steps_or_the_time_budget_whichever_is_further(tmp_path):
+    module = VQGANLitModule(_cfg(tmp_path, steps=1000, warmup_steps=100, lr=1e-3, min_lr_ratio=0.1, max_minutes=10))
+    module.steps_done = 49
+    assert module.lr_factor() == pytest.approx(0.5)  # linear warm-up
+    module.steps_done, module.t_start, module.elapsed = 100, 0.0, 0.0
+    assert module.progress() == pytest.approx(0.1) and module.lr_factor() == pytest.approx(1.0)
+    module.steps_done = 550  # half-way through the decay by steps
+    assert module.lr_factor() == pytest.approx(0.1 + 0.9 * 0.5)
+    module.elapsed = 0.9 * 600  # but 90% of the 10-minute budget is spent: the clock leads
+    assert module.progress() == pytest.approx(0.9)
+    assert module.lr_factor() < 0.2
+    module.elapsed = 700.0
+    assert module.progress() == 1.0 and module.lr_factor() == pytest.approx(0.1)
+    unbounded = VQGANLitModule(_cfg(tmp_path, steps=1000, max_minutes=None))
+    unbounded.steps_done, unbounded.t_start, unbounded.elapsed = 250, 0.0, 1e6
+    assert unbounded.progress() == pytest.approx(0.25)
+
+
 def test_discriminator_path_trains(tmp_path):
     cfg = _cfg(tmp_path, steps=6, disc_start=3, restart_every=0)
     metrics = train_vqgan(cfg)

@@ -270,6 +270,21 @@ def test_from_taming_reads_model_yaml(tmp_path):
     assert tok.config == VQGANConfig(**SMALL_F16)
 
 
+@pytest.mark.slow
+def test_full_size_f16_16384_taming_checkpoint_matches_reference(tmp_path):
+    """The released architecture at full size (76M parameters, a ~300 MB checkpoint): strict load,
+    codes and reconstruction equal to the functional reference on a 256x256 image."""
+    cfg = CONFIGS["vqgan_imagenet_f16_16384"]
+    ckpt = tmp_path / "last.ckpt"
+    sd = write_taming_ckpt(ckpt, cfg)
+    tok = VQGAN.from_taming(ckpt, "vqgan_imagenet_f16_16384")
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    codes = tok.encode(x)
+    assert codes.shape == (1, 256)
+    assert torch.equal(codes, ref_encode(sd, x))
+    torch.testing.assert_close(tok.decode(codes), ref_decode(sd, codes, 16, 16), atol=1e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("kind", ["missing", "unexpected", "misshaped"])
 def test_taming_checkpoint_key_errors_name_key_and_shapes(tmp_path, kind):
     ckpt = tmp_path / "bad.ckpt"
@@ -491,3 +506,86 @@ def test_a_new_tokenizer_plugs_in_through_the_registry():
     assert tok.encode(x).shape == (1, 16) and tok.decode(tok.encode(x)).shape == (1, 3, 16, 16)
     with pytest.raises(ValueError, match="already registered"):
         register_image_tokenizer("test_pixelbins")(PixelBins)
+
+
+# ---- swapping the tokenizer through the config group, inside uio.Model ---------------------------
+class _GrayBlocks(ImageTokenizer):
+    """Another tokenizer for the plug-in test: each f x f block's mean grey level in ``levels`` bins
+    (the bins' grey values are its one parameter)."""
+
+    def __init__(self, image_size=(32, 32), f=4, levels=32):
+        super().__init__()
+        self.f, self.num_codes = f, levels
+        self.gray = nn.Parameter(torch.linspace(-1, 1, levels))
+        self.image_size = tuple(image_size)
+        self.grid = (self.image_size[0] // f, self.image_size[1] // f)
+
+    def _encode(self, images):
+        g = F.avg_pool2d(images.mean(1, keepdim=True), self.f)  # (B, 1, gh, gw)
+        return ((g.clamp(-1, 1) + 1) / 2 * (self.num_codes - 1)).round().long().flatten(1)
+
+    def _decode(self, codes):
+        g = self.gray[codes].reshape(-1, 1, *self.grid)
+        return F.interpolate(g, scale_factor=float(self.f)).repeat(1, 3, 1, 1)
+
+    def spec(self):
+        return {"name": "test_grayblocks", "image_size": list(self.image_size), "f": self.f, "levels": self.num_codes}
+
+    @classmethod
+    def from_spec(cls, spec):
+        return cls(spec.get("image_size", (32, 32)), spec.get("f", 4), spec.get("levels", 32))
+
+
+register_image_tokenizer("test_grayblocks")(_GrayBlocks)
+
+
+def _compose_tokenizer(name: str) -> dict:
+    """The `tokenizer` group alone, composed by Hydra from the repository's conf/ (as uio-train does)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(overrides=[f"+tokenizer={name}"])
+    return OmegaConf.to_container(cfg.tokenizer, resolve=True)
+
+
+@pytest.mark.parametrize("source", ["conf_group_vqgan_test", "new_tokenizer_config"])
+def test_tokenizer_swapped_through_config_works_in_model(tmp_path, source):
+    from omegaconf import OmegaConf
+
+    from uio import Model, ModelConfig
+
+    if source == "conf_group_vqgan_test":
+        spec = _compose_tokenizer("vqgan_test")
+        expect = VQGAN
+    else:  # another tokenizer: implement the interface, register it, add a config
+        cfg_file = tmp_path / "grayblocks.yaml"
+        cfg_file.write_text("name: test_grayblocks\nimage_size: [32, 32]\nf: 4\nlevels: 32\nnum_codes: 32\ngrid: [8, 8]\n")
+        spec = OmegaConf.to_container(OmegaConf.load(cfg_file))
+        expect = _GrayBlocks
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_size("tiny", text_vocab=300, image_vocab=spec["num_codes"], image_target_grid=spec["grid"],
+                                image_target_size=spec["image_size"], image_tokenizer=spec, image_input_size=(32, 32),
+                                d_model=128, num_heads=2, d_ff=256, num_encoder_layers=2, num_decoder_layers=2)
+    model = Model(cfg)
+    tok = model.image_tokenizer
+    assert isinstance(tok, expect) and tok.frozen
+    b = 2
+    g = torch.Generator().manual_seed(0)
+    n_img = tok.grid[0] * tok.grid[1]
+    batch = dict(text_inputs=torch.tensor([[5, 6, 1], [7, 1, 0]]), image_inputs=torch.randn(b, 3, 32, 32, generator=g),
+                 image_input_masks=torch.ones(b, cfg.encoder_max_image_len, dtype=torch.bool),
+                 text_targets=torch.tensor([[1], [1]]),
+                 image_targets=torch.rand(b, 3, 32, 32, generator=g) * 2 - 1,
+                 image_target_masks=torch.ones(b, n_img, dtype=torch.bool), tasks=["depth"] * b, meta=[{}] * b)
+    out = model(batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is None for p in tok.parameters())
+    # the targets were tokenised by this tokenizer: passing its codes gives the same loss
+    codes = tok.encode(batch["image_targets"])
+    by_codes = model({**{k: v for k, v in batch.items() if k != "image_targets"}, "image_target_codes": codes})
+    torch.testing.assert_close(out.loss, by_codes.loss)
+    gen = model.eval().generate(batch, max_text_len=2, image_output=True)
+    assert gen.image_codes.shape == (b, n_img) and gen.images.shape == (b, 3, 32, 32)
+    torch.testing.assert_close(gen.images, tok.decode(gen.image_codes))

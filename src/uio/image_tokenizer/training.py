@@ -60,7 +60,7 @@ class VQGANTrainConfig:
     codebook_weight: float = 1.0
     beta: float = 0.25  # commitment weight
     restart_every: int = 100  # steps per dead-code window (0 = never restart)
-    restart_until: float = 0.8  # no restarts in the last 20% of training
+    restart_until: float = 0.8  # no restarts in the last 20% of training (by progress, see VQGANLitModule.progress)
     buffer_size: int = 8192  # recent encoder outputs kept for restarts
     disc_start: int | None = None  # step that switches the PatchGAN on (None = no discriminator)
     disc_weight: float = 0.1
@@ -69,7 +69,7 @@ class VQGANTrainConfig:
     precision: str = "bf16-mixed"
     accelerator: str = "auto"
     devices: int | str = 1
-    max_minutes: float | None = 10.0  # wall-clock cap (Lightning max_time)
+    max_minutes: float | None = 10.0  # wall-clock budget: training ends at `steps` or here, whichever is first
     log_every: int = 50
     num_workers: int = 0
     threads: int | None = None  # torch intra-op threads (None = torch's default); 1 is steadier on a busy CPU
@@ -250,23 +250,44 @@ class VQGANLitModule(L.LightningModule):
         self.z_pos = 0
         self.restarted_total = 0
         self.steps_done = 0  # batches trained (global_step counts both optimisers' steps)
+        self.t_start: float | None = None
+        self.elapsed = 0.0  # seconds since training started (rank 0's clock)
 
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.cfg
         opt_ae = torch.optim.Adam(self.vqgan.parameters(), lr=cfg.lr, betas=cfg.betas)
-
-        def schedule(step: int) -> float:
-            if step < cfg.warmup_steps:
-                return (step + 1) / cfg.warmup_steps
-            t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, schedule)
         if self.discriminator is None:
-            return [opt_ae], [sched]
+            return opt_ae
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr, betas=cfg.betas)
-        return [opt_ae, opt_d], [sched]
+        return [opt_ae, opt_d]
+
+    def progress(self) -> float:
+        """Fraction of training done: steps, or the wall-clock budget when that is further along,
+        so that a run on a slow or busy machine still anneals and stops within ``max_minutes``."""
+        p = self.steps_done / self.cfg.steps
+        if self.cfg.max_minutes and self.t_start is not None:
+            p = max(p, self.elapsed / (60.0 * self.cfg.max_minutes))
+        return min(1.0, p)
+
+    def _sync_clock(self) -> None:
+        """Rank 0's elapsed time, shared so that every rank uses the same lr and stops together."""
+        elapsed = time.time() - self.t_start if self.t_start is not None else 0.0
+        if self._trainer is not None and self.trainer.world_size > 1:
+            elapsed = float(self.trainer.strategy.broadcast(elapsed, src=0))
+        self.elapsed = elapsed
+
+    def lr_factor(self) -> float:
+        """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` by progress 1."""
+        cfg = self.cfg
+        if self.steps_done < cfg.warmup_steps:
+            return (self.steps_done + 1) / cfg.warmup_steps
+        p0 = cfg.warmup_steps / cfg.steps
+        t = min(1.0, max(0.0, (self.progress() - p0) / max(1e-8, 1.0 - p0)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def on_train_start(self) -> None:
+        self.t_start = time.time()
 
     def _rec_loss(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
         rec = rec.float()
@@ -290,6 +311,11 @@ class VQGANLitModule(L.LightningModule):
         opts = self.optimizers()
         opt_ae, opt_d = (opts[0], opts[1]) if isinstance(opts, (list, tuple)) else (opts, None)
         x = batch
+        self._sync_clock()
+        lr = cfg.lr * self.lr_factor()
+        for opt in (opt_ae, opt_d):
+            for group in (opt.optimizer.param_groups if opt is not None else ()):
+                group["lr"] = lr
         out = self.vqgan(x, beta=cfg.beta)
         rec_loss = self._rec_loss(x, out["reconstruction"])
         vq_loss = cfg.codebook_weight * out["codebook_loss"] + out["commitment_loss"]
@@ -310,27 +336,27 @@ class VQGANLitModule(L.LightningModule):
             self.manual_backward(d_loss)
             opt_d.step()
             self.log("train/d_loss", d_loss.detach())
-        sched = self.lr_schedulers()
-        sched.step()
 
         with torch.no_grad():
             self._track(out["codes"], out["z"])
             step_psnr = psnr(out["reconstruction"], x).mean()
         self.log_dict({"train/loss": loss.detach(), "train/rec_loss": rec_loss.detach(),
-                       "train/codebook_loss": out["codebook_loss"].detach(), "train/psnr": step_psnr},
+                       "train/codebook_loss": out["codebook_loss"].detach(), "train/psnr": step_psnr,
+                       "train/lr": lr},
                       prog_bar=True)
         self.steps_done += 1
         step = self.steps_done
-        if step >= cfg.steps:
+        progress = self.progress()
+        if step >= cfg.steps or progress >= 1.0:
             self.trainer.should_stop = True
-        # the first check (after one batch) initialises the codebook from encoder outputs
-        if cfg.restart_every and (step == 1 or step % cfg.restart_every == 0) and step <= cfg.restart_until * cfg.steps:
-            self.restart_dead_codes()
         if cfg.log_every and step % cfg.log_every == 0 and self.trainer.is_global_zero:
             used = int((self.window_counts > 0).sum())
             print(f"step {step}/{cfg.steps} loss {loss.item():.4f} rec {rec_loss.item():.4f} "
-                  f"psnr {step_psnr.item():.2f} dB lr {sched.get_last_lr()[0]:.2e} window-usage {used}/"
+                  f"psnr {step_psnr.item():.2f} dB lr {lr:.2e} window-usage {used}/"
                   f"{self.vqgan.num_codes} restarted {self.restarted_total}", flush=True)
+        # the first check (after one batch) initialises the codebook from encoder outputs
+        if cfg.restart_every and (step == 1 or step % cfg.restart_every == 0) and progress <= cfg.restart_until:
+            self.restart_dead_codes()
         return loss.detach()
 
     # ---- codebook health ----------------------------------------------------------------------
@@ -419,7 +445,7 @@ def _train(cfg: VQGANTrainConfig) -> dict[str, Any]:
     out_dir = _output_dir(cfg.output_dir)
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision, max_epochs=-1,
-        max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None, logger=L.pytorch.loggers.CSVLogger(
+        logger=L.pytorch.loggers.CSVLogger(
             str(out_dir), name="logs"), enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=None,
         val_check_interval=max(1, cfg.steps // 4), log_every_n_steps=max(1, cfg.log_every))
