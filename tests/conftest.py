@@ -4,6 +4,11 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+# The suite runs as 2 xdist workers on 2 cores: one intra-op thread each avoids oversubscription,
+# which otherwise stalls the many small tensor ops in these tests.
+torch.set_num_threads(1)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
