@@ -40,8 +40,8 @@ from uio.processing import resize, to_float_image, to_uint8
 __all__ = ["Baseline", "BASELINES", "build_baseline", "fit_baseline", "score_predictions"]
 
 GRID = 64  # resolution of the mean maps / constant masks
-MAX_FIT_CANDIDATES = 60  # constant texts tried when choosing the best one
-MAX_FIT_REFS = 200  # training examples the text choices are scored on
+MAX_FIT_CANDIDATES = 30  # constant texts tried when choosing the best one
+MAX_FIT_REFS = 120  # training examples the text choices are scored on
 
 
 def score_predictions(task: str, preds: Sequence[Mapping[str, Any]], targets: Sequence[Mapping[str, Any]]
@@ -325,7 +325,8 @@ class ConstantMask(Baseline):
         unions = [_grid(_mask_union(self.masks(ex), _hw(ex)).astype(np.float32), "nearest") > 0.5 for ex in examples]
         freq = np.mean(unions, 0)
         best = (-1.0, None)
-        for t in np.linspace(0.05, 0.95, 19):
+        levels = np.unique(np.quantile(freq[freq > 0], np.linspace(0, 1, 41))) if (freq > 0).any() else [1.0]
+        for t in levels:
             m = freq >= t
             score = float(np.mean([_iou(m, u) for u in unions]))
             if score > best[0]:
@@ -344,7 +345,8 @@ class ConstantMask(Baseline):
         if self.answer is not None:
             self.answer.fit(examples)
         self.description = f"{self.mask.mean():.0%} of the image" + (
-            f"; {sum(not v for v in self.per_label.values())} classes predict nothing" if self.allow_empty else "")
+            f" for {sum(self.per_label.values())} of {len(self.per_label)} classes, nothing for the others"
+            if self.allow_empty else "")
 
     def _predict(self, example, meta):
         hw = _hw(example, meta)
