@@ -155,7 +155,9 @@ class UIOLitModule(pl.LightningModule):
             for block in transformer_blocks(net):
                 block.compile()
         if strategy is not None and is_fsdp2(strategy):
-            apply_fsdp2(net, self.device_mesh["data_parallel"], **dict(getattr(strategy, "fsdp_kwargs", {})))
+            skip = [self.model.image_tokenizer] if self.model.image_tokenizer is not None else []
+            apply_fsdp2(self.model, self.device_mesh["data_parallel"], skip=skip,
+                        **dict(getattr(strategy, "fsdp_kwargs", {})))
 
     def configure_optimizers(self):
         o = self.optim_cfg
@@ -187,6 +189,17 @@ class UIOLitModule(pl.LightningModule):
             self._log_group_losses(batch["tasks"], out.per_example_loss)
         self._tokens = count_tokens(batch, n) * self.trainer.world_size
         return out.loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # As in the original JAX training, a parameter that took no part in this step (e.g. the
+        # decoder's image positions for a text-only batch, or the release's dead cross-attention
+        # position projections) gets a zero gradient rather than none: its optimizer state exists
+        # from the first step (every checkpoint holds the full state; sharded resume needs it) and
+        # its momentum keeps acting.
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None and p.requires_grad:
+                    p.grad = torch.zeros_like(p)
 
     def _record(self, name: str, value: float) -> None:
         """Keep (step, loss) on rank 0 for the end-of-run summary (first vs last losses)."""
@@ -262,6 +275,11 @@ class UIOLitModule(pl.LightningModule):
         return self._processor
 
     def on_validation_epoch_start(self) -> None:
+        from uio.training.strategies import fsdp2_gathered, is_fsdp2
+
+        if is_fsdp2(self.trainer.strategy):  # full weights for validation: no collectives per forward
+            self._gathered = fsdp2_gathered(self.model)
+            self._gathered.__enter__()
         self._val_metrics = {}
         self._val_loss: dict[str, tuple[float, int]] = {}  # task -> (sum of per-example losses, count)
 
@@ -324,6 +342,9 @@ class UIOLitModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/loss``, ``val/<task>/loss`` and ``val/<task>/<metric>`` (reduced over ranks)."""
+        gathered, self._gathered = getattr(self, "_gathered", None), None
+        if gathered is not None:
+            gathered.__exit__(None, None, None)
         losses, names = dict(self._val_loss), sorted(self._val_metrics)
         if self.trainer.world_size > 1:  # every rank must compute the same metrics, in the same order
             gathered: list[Any] = [None] * self.trainer.world_size
@@ -337,15 +358,15 @@ class UIOLitModule(pl.LightningModule):
             names = sorted(all_names)
         total = sum(s for s, _ in losses.values()), sum(n for _, n in losses.values())
         if total[1]:
-            self.log("val/loss", total[0] / total[1], rank_zero_only=True)
+            self.log("val/loss", total[0] / total[1], sync_dist=True)  # identical on every rank already
         for name, (s, n) in sorted(losses.items()):
-            self.log(f"val/{name}/loss", s / max(n, 1), rank_zero_only=True)
+            self.log(f"val/{name}/loss", s / max(n, 1), sync_dist=True)  # identical on every rank already
         for name in names:
             for metric_name, metric in self._metrics_for(name).items():
                 value = metric.compute()  # torchmetrics gathers the states of every rank
                 for key, v in _flatten(metric_name, value).items():
                     if math.isfinite(v):
-                        self.log(f"val/{name}/{key}", v, rank_zero_only=True)
+                        self.log(f"val/{name}/{key}", v, sync_dist=True)  # identical on every rank already
                 metric.reset()
         self._val_metrics = {}
 

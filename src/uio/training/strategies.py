@@ -16,6 +16,7 @@ uio-train trainer.num_nodes=N`` or an ``srun`` inside an ``sbatch`` with matchin
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch import nn
 
 from uio.training.checkpointing import atomic_replace_dir, atomic_torch_save
 
-__all__ = ["build_strategy", "transformer_blocks", "apply_fsdp2", "apply_activation_checkpointing",
+__all__ = ["build_strategy", "transformer_blocks", "apply_fsdp2", "fsdp2_gathered", "apply_activation_checkpointing",
            "UIOModelParallelStrategy", "STRATEGY_KEYS"]
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -78,10 +79,12 @@ def apply_activation_checkpointing(module: nn.Module) -> int:
 
 def apply_fsdp2(module: nn.Module, mesh, mixed_precision: str | None = "bf16", reduce_dtype: str | None = "fp32",
                 reshard_after_forward: bool = True, skip: Iterable[nn.Module] = ()) -> int:
-    """``fully_shard`` every transformer block, then the root (embeddings, norms, heads).
+    """``fully_shard`` every transformer block, then ``module`` itself as the root.
 
-    ``skip``: submodules left unsharded and excluded (e.g. the frozen image tokenizer, which has no
-    gradients and is only run under ``no_grad``). Returns the number of sharded blocks.
+    ``module`` should be the one whose ``__call__`` runs the whole step (``uio.Model``): the root's
+    parameters (embeddings, norms, position tables) are gathered once per step around that call,
+    however many network methods run inside it. ``skip``: submodules left unsharded (the frozen
+    image tokenizer, which has no gradients). Returns the number of sharded blocks.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -95,12 +98,32 @@ def apply_fsdp2(module: nn.Module, mesh, mixed_precision: str | None = "bf16", r
         raise ValueError("FSDP2 found no transformer blocks to shard")
     for i, block in enumerate(blocks):
         # the last block's parameters are needed right away in backward: keep them gathered
-        fully_shard(block, mesh=mesh, mp_policy=mp,
-                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+        flag = reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=flag)
+        block._uio_reshard_after_forward = flag
     ignored = {p for s in skip for p in s.parameters()}
-    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
-                ignored_params=ignored or None)
+    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=False, ignored_params=ignored or None)
+    module._uio_reshard_after_forward = False
     return len(blocks)
+
+
+@contextlib.contextmanager
+def fsdp2_gathered(module: nn.Module):
+    """Inside: every FSDP2 unit of ``module`` holds its full parameters and forward runs no
+    collective, so ranks may run different numbers of forwards (generation stops at different
+    lengths, validation shards differ in size). Collective to enter and to leave."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(getattr(m, "_uio_reshard_after_forward", True))
 
 
 class UIOModelParallelStrategy(ModelParallelStrategy):
