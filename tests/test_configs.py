@@ -139,6 +139,27 @@ def test_bad_values_fail_clearly():
         build_strategy({"name": "fsdp"}, accelerator="cpu")
 
 
+def test_trainer_presets_build_their_strategies():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from uio.modeling.network import UnifiedIONetwork
+    from uio.training.strategies import UIOModelParallelStrategy, build_strategy
+
+    expected = {"default": str, "cpu": str, "gpu": str, "bf16": str, "ddp": DDPStrategy, "fsdp": FSDPStrategy,
+                "fsdp2": UIOModelParallelStrategy}
+    assert set(list_options("trainer")) == set(expected)
+    for preset, kind in expected.items():
+        kw = trainer_kwargs(_compose(f"trainer={preset}").trainer)
+        s = build_strategy(kw["strategy"], accelerator="gpu", activation_checkpointing=True)
+        assert isinstance(s, kind), (preset, s)
+        if preset == "fsdp":  # one FSDP unit and one activation-checkpoint unit per transformer block
+            blocks = set(UnifiedIONetwork.block_classes)
+            assert s.kwargs["auto_wrap_policy"]._module_classes == blocks
+            assert s._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == blocks
+        if preset == "fsdp2":
+            assert s.fsdp_kwargs == {"mixed_precision": "bf16", "reduce_dtype": "fp32", "reshard_after_forward": True}
+
+
 def test_model_fields_must_agree_with_the_tokenizers():
     from uio.training.train import model_config_from
 

@@ -63,3 +63,22 @@ def test_fsdp2_on_cpu_sharded_checkpoint_export_and_resume(toy_root, text_tokeni
     second = Model.from_pretrained(summary["export_dir"])
     assert not torch.equal(first.network.token_embedder.weight, second.network.token_embedder.weight)
     assert all("train/loss" in m for s, m in read_metrics(run_dir).items() if s in (2, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("trainer", ["gpu", "fsdp", "fsdp2"])
+def test_gpu_strategies(trainer, toy_root, text_tokenizer, tmp_path):  # noqa: F811
+    """On a GPU machine: bf16 training, Lightning's FSDPStrategy (blocks as units, sharded
+    checkpoint) and FSDP2, each for a few steps with validation, a checkpoint and the export."""
+    from uio.model import Model
+
+    run_dir = tmp_path / trainer
+    n = max(1, min(2, torch.cuda.device_count()))
+    _train(tiny_overrides(toy_root, text_tokenizer.model_file.parent, run_dir, f"trainer={trainer}",
+                          f"trainer.devices={n}", "trainer.max_steps=4", "trainer.val_check_interval=4"), tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["world_size"] == n
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    Model.from_pretrained(summary["export_dir"])
+    assert "val/loss" in read_metrics(run_dir)[3]

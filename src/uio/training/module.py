@@ -100,6 +100,7 @@ class UIOLitModule(pl.LightningModule):
         self._val_metrics: dict[str, dict[str, Any]] = {}
         self._processor = None
         self._val_loss: dict[str, tuple[float, int]] = {}
+        self._fsdp1 = False
         self.loss_history: dict[str, list[tuple[int, float]]] = {}
         self._group_acc: dict[str, tuple[float, int]] = {}  # group -> (loss sum, rows) since the last log
 
@@ -143,12 +144,12 @@ class UIOLitModule(pl.LightningModule):
         if self._configured:
             return
         self._configured = True
-        from uio.training.strategies import (apply_activation_checkpointing, apply_fsdp2, is_fsdp2,
+        from uio.training.strategies import (apply_activation_checkpointing, apply_fsdp2, is_fsdp1, is_fsdp2,
                                              transformer_blocks)
 
         net = self.model.network
         strategy = self._trainer.strategy if self._trainer is not None else None
-        fsdp1 = type(strategy).__name__ == "FSDPStrategy"  # wraps blocks itself (see build_strategy)
+        fsdp1 = is_fsdp1(strategy)  # wraps and checkpoints the blocks itself (see build_strategy)
         if self.train_cfg["activation_checkpointing"] and not fsdp1:
             apply_activation_checkpointing(net)
         if self.train_cfg["compile"]:
@@ -275,11 +276,20 @@ class UIOLitModule(pl.LightningModule):
         return self._processor
 
     def on_validation_epoch_start(self) -> None:
-        from uio.training.strategies import fsdp2_gathered, is_fsdp2
+        from uio.training.strategies import fsdp2_gathered, is_fsdp1, is_fsdp2
 
         if is_fsdp2(self.trainer.strategy):  # full weights for validation: no collectives per forward
             self._gathered = fsdp2_gathered(self.model)
             self._gathered.__enter__()
+        # FSDP1 gathers each block per forward, and generation lengths differ between ranks:
+        # validation is the teacher-forced loss only (use trainer=fsdp2 for the task metrics)
+        self._fsdp1 = is_fsdp1(self.trainer.strategy)
+        if self._fsdp1 and self.val_cfg["enabled"] and not getattr(self, "_warned_fsdp1", False):
+            self._warned_fsdp1 = True
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn("trainer=fsdp (FSDP1): validation logs the losses only; trainer=fsdp2 also "
+                           "generates and computes the task metrics")
         self._val_metrics = {}
         self._val_loss: dict[str, tuple[float, int]] = {}  # task -> (sum of per-example losses, count)
 
@@ -299,7 +309,7 @@ class UIOLitModule(pl.LightningModule):
         for name, idx in sorted(rows.items()):
             s, n = self._val_loss.get(name, (0.0, 0))
             self._val_loss[name] = (s + float(pel[idx].sum()), n + len(idx))
-            if self.val_cfg["enabled"]:
+            if self.val_cfg["enabled"] and not self._fsdp1:
                 self._evaluate_task(name, select_rows(batch, idx))
 
     @torch.no_grad()

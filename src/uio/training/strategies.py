@@ -185,8 +185,12 @@ def _check_keys(name: str, spec: Mapping[str, Any]) -> None:
                          f"allowed: {sorted(STRATEGY_KEYS[name])}")
 
 
-def build_strategy(spec: str | Mapping[str, Any] | None, accelerator: str = "auto") -> str | Strategy:
-    """Turn ``trainer.strategy`` into what ``lightning.Trainer(strategy=...)`` takes."""
+def build_strategy(spec: str | Mapping[str, Any] | None, accelerator: str = "auto",
+                   activation_checkpointing: bool = False) -> str | Strategy:
+    """Turn ``trainer.strategy`` into what ``lightning.Trainer(strategy=...)`` takes.
+
+    ``activation_checkpointing`` is only used by ``fsdp`` (FSDP1 applies it itself, per block);
+    the other strategies get it from the LightningModule's ``configure_model``."""
     if spec is None:
         return "auto"
     if isinstance(spec, str):
@@ -212,12 +216,14 @@ def build_strategy(spec: str | Mapping[str, Any] | None, accelerator: str = "aut
         dp = opts.pop("data_parallel_size", "auto")
         return UIOModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=1, fsdp_kwargs=fsdp_kwargs,
                                         **opts)
-    # name == "fsdp": Lightning's FSDPStrategy, wrapping per transformer block
+    # name == "fsdp": Lightning's FSDPStrategy, one FSDP unit (and checkpoint unit) per block
     if accelerator == "cpu":
         raise ValueError("trainer.strategy name='fsdp' (Lightning FSDPStrategy) needs GPUs; on CPU use "
                          "trainer=fsdp2 (FSDP2 via ModelParallelStrategy)")
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import MixedPrecision
+
+    from uio.modeling.network import UnifiedIONetwork
 
     mp = opts.pop("mixed_precision", "bf16")
     mixed = None
@@ -226,24 +232,15 @@ def build_strategy(spec: str | Mapping[str, Any] | None, accelerator: str = "aut
             raise ValueError(f"trainer.strategy.mixed_precision must be bf16/fp16/fp32 or null, got {mp!r}")
         dt = _DTYPES[mp]
         mixed = MixedPrecision(param_dtype=dt, reduce_dtype=torch.float32, buffer_dtype=dt)
-    return FSDPStrategy(auto_wrap_policy=_BlockPolicy(), mixed_precision=mixed,
-                        sharding_strategy=opts.pop("sharding_strategy", "FULL_SHARD"),
+    blocks = set(UnifiedIONetwork.block_classes)
+    return FSDPStrategy(auto_wrap_policy=blocks, activation_checkpointing_policy=blocks if activation_checkpointing else None,
+                        mixed_precision=mixed, sharding_strategy=opts.pop("sharding_strategy", "FULL_SHARD"),
                         state_dict_type=opts.pop("state_dict_type", "sharded"),
                         cpu_offload=opts.pop("cpu_offload", False), **opts)
 
 
-class _BlockPolicy:
-    """FSDP1 auto-wrap policy: one unit per transformer block (found by :func:`transformer_blocks`)."""
-
-    def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-        if recurse:
-            return True
-        return getattr(module, "_uio_fsdp_unit", False)
-
-    @staticmethod
-    def mark(root: nn.Module) -> None:
-        for b in transformer_blocks(root):
-            b._uio_fsdp_unit = True
+def is_fsdp1(strategy: Any) -> bool:
+    return type(strategy).__name__ == "FSDPStrategy"
 
 
 def is_fsdp2(strategy: Any) -> bool:

@@ -234,7 +234,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None):
     from uio.training.strategies import build_strategy
 
     kw = trainer_kwargs(cfg.trainer)
-    kw["strategy"] = build_strategy(kw.get("strategy"), accelerator=str(kw.get("accelerator")))
+    kw["strategy"] = build_strategy(kw.get("strategy"), accelerator=str(kw.get("accelerator")),
+                                    activation_checkpointing=bool(cfg.train.activation_checkpointing))
     if kw.get("val_check_interval") is None:
         kw["limit_val_batches"] = 0
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -264,6 +265,18 @@ def build_components(cfg: DictConfig):
     return dm, module, model_config
 
 
+def _even_validation(trainer, dm) -> None:
+    """FSDP1 gathers each block in every forward: all ranks must run the same number of
+    validation forwards, so each rank gets the same number of examples per task."""
+    from uio.training.strategies import is_fsdp1
+
+    w = trainer.world_size
+    if is_fsdp1(trainer.strategy) and w > 1 and dm.val_examples_per_task % w:
+        n = max(w, dm.val_examples_per_task - dm.val_examples_per_task % w)
+        _log(f"FSDP: data.val_examples_per_task {dm.val_examples_per_task} -> {n} (a multiple of the {w} ranks)")
+        dm.val_examples_per_task = n
+
+
 def resolve_resume(cfg: DictConfig) -> str | None:
     """``resume``: None, a path, or "last" (``<run_dir>/checkpoints/last.ckpt`` when it exists)."""
     r = cfg.get("resume")
@@ -284,10 +297,10 @@ def resolve_resume(cfg: DictConfig) -> str | None:
 # ---- export and summary ----------------------------------------------------------------------------
 def export_model(trainer, module, directory: str | Path) -> Path | None:
     """``uio.Model.save_pretrained(directory)`` from rank 0 (sharded weights are gathered first)."""
-    from uio.training.strategies import is_fsdp2
+    from uio.training.strategies import is_fsdp1, is_fsdp2
 
     directory = Path(directory)
-    sharded = is_fsdp2(trainer.strategy) or type(trainer.strategy).__name__ == "FSDPStrategy"
+    sharded = is_fsdp2(trainer.strategy) or is_fsdp1(trainer.strategy)
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -364,6 +377,7 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     t0 = time.time()
     dm, module, _ = build_components(cfg)
     trainer = build_trainer(cfg, callbacks)
+    _even_validation(trainer, dm)
     ckpt = resolve_resume(cfg)
     if ckpt:
         _log(f"resuming from {ckpt}")
