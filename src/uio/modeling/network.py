@@ -314,7 +314,10 @@ class Decoder(nn.Module):
         w = self.layers[0].self_attention.key.weight
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else w.dtype
         cache = KVCache.empty(len(self.layers), rows, cfg.num_heads, length, cfg.head_dim, dtype, device)
-        cross = [layer.encoder_decoder_attention.project_kv(enc.hidden) for layer in self.layers]
+        # contiguous (B, H, Le, Dh): every step reads them as batched matrices, and the head-transposed
+        # views of project_kv would be copied at every step
+        cross = [tuple(t.contiguous() for t in layer.encoder_decoder_attention.project_kv(enc.hidden))
+                 for layer in self.layers]
         positions, segments = self.layout(text_len, image_len, device)
         return DecoderState(
             cache=cache, cross_k=[k for k, _ in cross], cross_v=[v for _, v in cross],
