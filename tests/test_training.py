@@ -319,3 +319,34 @@ def test_group_losses_and_token_counts():
     sub = select_rows(batch, [1])
     assert sub["tasks"] == ["span_corruption"] and sub["meta"] == [{"b": 2}] and sub["text_inputs"].shape == (1, 4)
     assert _step_seed(0, 5, 0) == _step_seed(0, 5, 0) != _step_seed(0, 5, 1) != _step_seed(0, 6, 0)
+
+
+def test_image_targets_are_tokenized_for_their_rows_only():
+    """The module encodes image targets of the rows that have one; the loss equals the model's own
+    (which encodes every row)."""
+    from uio.config import ModelConfig
+    from uio.training.module import UIOLitModule
+
+    mc = ModelConfig.from_size("tiny", d_model=64, num_heads=2, head_dim=32, d_ff=128, num_encoder_layers=1,
+                               num_decoder_layers=1, text_vocab=200, image_vocab=64, image_input_size=(32, 32),
+                               image_target_grid=(8, 8), image_target_size=(32, 32)).to_dict()
+    mc.pop("image_tokenizer")
+    spec = {"name": "vqgan", "config": "vqgan_test", "image_size": [32, 32], "num_codes": 64, "grid": [8, 8]}
+    module = UIOLitModule(model=mc, image_tokenizer=spec)
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(3, 64, dtype=torch.bool)
+    masks[1] = True
+    batch = {"text_inputs": torch.randint(3, 200, (3, 5), generator=g), "image_inputs": torch.randn(3, 3, 32, 32),
+             "image_input_masks": torch.ones(3, 4, dtype=torch.bool), "text_targets": torch.tensor([[9, 1], [1, 0], [7, 1]]),
+             "image_targets": torch.rand(3, 3, 32, 32, generator=g) * 2 - 1, "image_target_masks": masks,
+             "tasks": ["vqa", "depth", "vqa"], "meta": [{}, {}, {}]}
+    calls = []
+    tok = module.model.image_tokenizer
+    real = tok.encode
+    tok.encode = lambda x: calls.append(x.shape[0]) or real(x)
+    b2 = module._tokenize_targets(batch)
+    assert calls == [1] and "image_targets" not in b2
+    assert torch.equal(b2["image_target_codes"][1], real(batch["image_targets"][1:2])[0])
+    assert not b2["image_target_codes"][[0, 2]].any()
+    tok.encode = real
+    torch.testing.assert_close(module.model(b2).per_example_loss, module.model(batch).per_example_loss)

@@ -329,7 +329,8 @@ def _clone_tok(tok):
 
 def summarize(module, trainer, run_dir: Path, export_dir: Path | None, seconds: float) -> dict[str, Any]:
     """First vs last training loss per task group (means over the first/last 10% of steps)."""
-    out: dict[str, Any] = {"steps": int(trainer.global_step), "world_size": int(trainer.world_size),
+    out: dict[str, Any] = {"steps": int(trainer.global_step), "max_steps": int(trainer.max_steps),
+                           "world_size": int(trainer.world_size),
                            "seconds": round(seconds, 1),
                            "checkpoint_dir": None, "export_dir": str(export_dir) if export_dir else None,
                            "groups": {}}
@@ -349,7 +350,8 @@ def summarize(module, trainer, run_dir: Path, export_dir: Path | None, seconds: 
 
 
 def _print_summary(s: Mapping[str, Any]) -> None:
-    lines = [f"trained {s['steps']} steps in {s['seconds']:.0f}s"]
+    lines = [f"trained {s['steps']} steps in {s['seconds']:.0f}s"
+             + (" (stopped by trainer.max_time)" if 0 < s["steps"] < s["max_steps"] else "")]
     lines.append(f"{'loss':<26}{'first 10%':>10}{'last 10%':>10}")
     for g, r in s["groups"].items():
         lines.append(f"{g:<26}{r['first']:>10.3f}{r['last']:>10.3f}{'' if r['fell'] else '   (did not fall)'}")
@@ -370,7 +372,12 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
 
         return run_vqgan(cfg)
     check_config(cfg)
+    import warnings
+
     import lightning.pytorch as pl
+
+    # the frozen image tokenizer is in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", module="lightning")
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
