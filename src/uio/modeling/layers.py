@@ -6,7 +6,8 @@
 - :class:`Attention`: multi-head attention with ``head_dim`` independent of ``d_model``, no biases
   and **no** 1/sqrt(head_dim) scaling of the logits (T5 folds it into the query initialisation).
   It runs through :func:`torch.nn.functional.scaled_dot_product_attention` with an additive bias
-  (masks as -1e10 plus position biases) and ``scale=1``.
+  (masks as -1e10 plus position biases) and ``scale=1``, except on CPU where training uses
+  :class:`BiasAttention` and decoding steps plain matmuls (both faster there; same numbers).
 - :class:`KVCache`: preallocated static key/value cache for incremental decoding.
 
 Parameter names follow the Flax modules (``query/key/value/out``, ``wi_0/wi_1/wo``); PyTorch
@@ -87,6 +88,58 @@ class KVCache:
             t[:, :, :upto] = t[index, :, :upto]
 
 
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``softmax(q k^T + bias)`` (B, H, Lq, Lk) in float32 (or float64): scores in the compute dtype
+    (matmuls accumulate in float32), bias and softmax in float32; a bool bias marks allowed keys."""
+    s = torch.matmul(q, k.transpose(-1, -2))  # a fresh tensor: safe to update in place
+    s = s.to(torch.promote_types(s.dtype, torch.float32))
+    if bias is not None:
+        in_place = torch.broadcast_shapes(s.shape, bias.shape) == s.shape
+        if bias.dtype == torch.bool:
+            s = s.masked_fill_(~bias, NEG_INF) if in_place else s.masked_fill(~bias, NEG_INF)
+        else:
+            s = s.add_(bias) if in_place else s + bias
+    return torch.softmax(s, dim=-1)
+
+
+class BiasAttention(torch.autograd.Function):
+    """``softmax(q k^T + bias) v`` with gradients for q, k, v and the additive bias.
+
+    What SDPA's math fallback computes, with less memory traffic: it keeps only the probabilities
+    (in the compute dtype) for backward, and the bias gradient is the score gradient summed over
+    the bias's broadcast dimensions. Inputs: q (B, H, Lq, Dh), k/v (B, H, Lk, Dh), bias float
+    broadcastable to (B, H, Lq, Lk), bool (True = attend) or None.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        probs = attention_probs(q, k, bias).to(v.dtype)  # (B, H, Lq, Lk)
+        out = torch.matmul(probs, v)  # (B, H, Lq, Dh)
+        ctx.save_for_backward(q, k, v, probs, out)
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, probs, out = ctx.saved_tensors
+        g = grad_out.to(v.dtype)
+        grad_v = torch.matmul(probs.transpose(-1, -2), g) if ctx.needs_input_grad[2] else None
+        # d scores = P * (dP - rowsum(dO * O)), in float32
+        acc = torch.promote_types(probs.dtype, torch.float32)
+        dp = torch.matmul(g, v.transpose(-1, -2)).to(acc)  # (B, H, Lq, Lk)
+        dp.sub_((g.to(acc) * out.to(acc)).sum(-1, keepdim=True))
+        ds = dp.mul_(probs)
+        grad_bias = None
+        if ctx.needs_input_grad[3] and ctx.bias_meta is not None:
+            shape, dtype = ctx.bias_meta
+            grad_bias = ds.sum_to_size(shape).to(dtype)
+        ds = ds.to(q.dtype)
+        grad_q = torch.matmul(ds, k) if ctx.needs_input_grad[0] else None
+        grad_k = torch.matmul(ds.transpose(-1, -2), q) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_k, grad_v, grad_bias
+
+
 class Attention(nn.Module):
     """Multi-head attention without biases or logit scaling, through SDPA with an additive bias.
 
@@ -113,17 +166,22 @@ class Attention(nn.Module):
         return self._heads(self.key(x)), self._heads(self.value(x))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """q (B, H, Lq, Dh), k/v (B, H, Lk, Dh), bias broadcastable to (B, H, Lq, Lk) -> (B, Lq, H*Dh)."""
+        """q (B, H, Lq, Dh), k/v (B, H, Lk, Dh), bias broadcastable to (B, H, Lq, Lk) -> (B, Lq, H*Dh).
+
+        CUDA, and CPU inference over more than :data:`SMALL_QUERY` queries: SDPA. CPU training:
+        :class:`BiasAttention` (SDPA falls back to its slower math kernel when the bias needs a
+        gradient, as the position biases do). CPU decoding steps: plain matmuls (the CPU flash
+        kernel is 3-7x slower than them for a handful of queries).
+        """
         p = self.dropout if self.training else 0.0
         b, _, lq, _ = q.shape
-        if lq <= SMALL_QUERY and q.device.type == "cpu" and p == 0.0:
-            # decoding steps: the CPU flash kernel is 3-7x slower than plain matmuls for a handful
-            # of queries; scores in the compute dtype, bias and softmax in float32
-            s = torch.matmul(q, k.transpose(-1, -2)).float()  # (B, H, Lq, Lk)
-            if bias is not None:
-                s = s.masked_fill(~bias, NEG_INF) if bias.dtype == torch.bool else s + bias
-            o = torch.matmul(s.softmax(-1).to(v.dtype), v)  # (B, H, Lq, Dh)
-            return o.transpose(1, 2).reshape(b, lq, self.num_heads * self.head_dim)
+        if q.device.type == "cpu" and p == 0.0:
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
+                o = BiasAttention.apply(q, k, v, bias)  # (B, H, Lq, Dh)
+                return o.transpose(1, 2).reshape(b, lq, self.num_heads * self.head_dim)
+            if lq <= SMALL_QUERY:
+                o = torch.matmul(attention_probs(q, k, bias).to(v.dtype), v)  # (B, H, Lq, Dh)
+                return o.transpose(1, 2).reshape(b, lq, self.num_heads * self.head_dim)
         if bias is not None and bias.dtype not in (q.dtype, torch.float32, torch.bool):
             bias = bias.to(q.dtype)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)  # (B, H, Lq, Dh)
