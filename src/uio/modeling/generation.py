@@ -21,6 +21,7 @@ length and alpha defaults to 0 as the runner used.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
@@ -408,16 +409,46 @@ def score_options(network: UnifiedIONetwork, enc: EncoderOutput, options: Option
     return result
 
 
+class TargetLogProb(torch.autograd.Function):
+    """``log_softmax(logits / scale)[target]`` per row from raw (compute-dtype) logits (N, V).
+
+    Equal to ``gather - logsumexp`` on the float32 scaled logits, but it keeps only the raw logits
+    and the (N,) log-normalisers for backward and builds the logit gradient
+    ``(onehot - softmax) * grad / scale`` in one float32 buffer: about half the full-size passes
+    and a third of the memory of the unfused version, for the model's largest activation.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        x = logits.to(acc, copy=True).div_(scale)  # (N, V)
+        lse = torch.logsumexp(x, dim=-1)  # (N,)
+        out = x.gather(-1, targets[:, None])[:, 0] - lse
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        g = (grad.to(lse.dtype) / ctx.scale)[:, None]  # (N, 1)
+        x = logits.to(lse.dtype, copy=True).div_(ctx.scale).sub_(lse[:, None]).exp_()  # softmax (N, V)
+        x.mul_(-g).scatter_add_(1, targets[:, None], g)
+        return x.to(logits.dtype), None, None
+
+
 def token_log_probs(network: UnifiedIONetwork, hidden: torch.Tensor, targets: torch.Tensor, modality: str,
                     max_logit_elems: int = 1 << 25) -> torch.Tensor:
     """log p(target) for hidden states (N, d) under the modality's masked softmax; targets are
-    vocabulary ids for text, codes for images. Computed in chunks to bound the (N, V) logits."""
+    vocabulary ids for text, codes for images. Computed in chunks to bound the (N, V) float32
+    buffers, through :class:`TargetLogProb`."""
     vsize = network.vocab.text_vocab_size if modality == "text" else network.vocab.image_vocab
     step = max(1, max_logit_elems // vsize)
+    scale = math.sqrt(network.config.d_model)
     out = []
     for i in range(0, hidden.shape[0], step):
-        logits = network.logits(hidden[i : i + step], modality)
-        out.append(logits.gather(-1, targets[i : i + step, None])[:, 0] - logits.logsumexp(-1))
+        logits = network.logits(hidden[i : i + step], modality, scaled=False)
+        out.append(TargetLogProb.apply(logits, targets[i : i + step], scale))
     if not out:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)

@@ -505,11 +505,12 @@ class UnifiedIONetwork(nn.Module):
             start += i.numel()
         return out
 
-    def logits(self, hidden: torch.Tensor, modality: str | None = None) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, modality: str | None = None, scaled: bool = True) -> torch.Tensor:
         """Float32 logits ``hidden @ E^T / sqrt(d_model)``.
 
         ``modality="text"``: only the text ids (size ``text_vocab_size``), ``"image"``: only the
-        image ids (index = code), None: the whole vocabulary (unmasked).
+        image ids (index = code), None: the whole vocabulary (unmasked). ``scaled=False``: the raw
+        ``hidden @ E^T`` in the compute dtype (for fused losses that scale in float32 themselves).
         """
         w = self.token_embedder.weight
         if modality == "text":
@@ -524,6 +525,8 @@ class UnifiedIONetwork(nn.Module):
             logits = _RowSliceLinear.apply(hidden, w, start, end)
         else:
             logits = F.linear(hidden, w[start:end])
+        if not scaled:
+            return logits
         return logits.float() / math.sqrt(self.config.d_model)
 
     def masked_logits(self, hidden: torch.Tensor, text_len: int) -> torch.Tensor:
