@@ -213,14 +213,20 @@ def test_uio_eval_lists_tasks_when_bare(tmp_path):
 
 @pytest.mark.slow
 def test_wheel_ships_the_config_tree(tmp_path):
-    """`pip wheel .` contains uio/conf/**.yaml (the tree is a symlink in the source checkout)."""
+    """`pip wheel .` (of a copy of the checkout) contains uio/conf/**.yaml; the tree is a symlink
+    in the source checkout."""
+    import shutil
     import zipfile
 
     root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(root, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "runs", "*.egg-info", "build", "dist", "__pycache__", ".pytest_cache", "outputs"))
+    assert (src / "src" / "uio" / "conf").is_symlink()
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-                        str(tmp_path), str(root)], capture_output=True, text=True, timeout=600)
+                        str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    (wheel,) = tmp_path.glob("uio-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("uio-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for rel in ["train.yaml", "eval.yaml", "experiment/tiny_multitask.yaml", "experiment/xl_multitask.yaml",
                 "model/xl.yaml", "trainer/fsdp2.yaml", "tokenizer/vqgan_toy.yaml"]:

@@ -350,3 +350,70 @@ def test_image_targets_are_tokenized_for_their_rows_only():
     assert not b2["image_target_codes"][[0, 2]].any()
     tok.encode = real
     torch.testing.assert_close(module.model(b2).per_example_loss, module.model(batch).per_example_loss)
+
+
+def _small_module(**train):
+    from uio.config import ModelConfig
+    from uio.training.module import UIOLitModule
+
+    mc = ModelConfig.from_size("tiny", d_model=64, num_heads=2, head_dim=32, d_ff=128, num_encoder_layers=2,
+                               num_decoder_layers=2, text_vocab=200, image_vocab=64, image_input_size=(32, 32),
+                               image_target_grid=(4, 4), image_target_size=(16, 16)).to_dict()
+    mc.pop("image_tokenizer")
+    torch.manual_seed(0)
+    return UIOLitModule(model=mc, train=train)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return {"text_inputs": torch.randint(3, 200, (2, 6), generator=g), "image_inputs": torch.randn(2, 3, 32, 32, generator=g),
+            "image_input_masks": torch.ones(2, 4, dtype=torch.bool), "text_targets": torch.tensor([[9, 8, 1], [7, 1, 0]]),
+            "image_target_codes": torch.randint(0, 64, (2, 16), generator=g),
+            "image_target_masks": torch.tensor([[True] * 16, [False] * 16]), "tasks": ["depth", "vqa"], "meta": [{}, {}]}
+
+
+def test_activation_checkpointing_keeps_numbers_and_names():
+    from uio.training.strategies import apply_activation_checkpointing
+
+    plain, ckpt = _small_module(), _small_module()
+    ckpt.model.load_state_dict(plain.model.state_dict())
+    keys = list(plain.model.state_dict())
+    assert apply_activation_checkpointing(ckpt.model.network) == 4  # 2 encoder + 2 decoder blocks
+    assert list(ckpt.model.state_dict()) == keys  # checkpoints and exports keep their names
+    outs = []
+    for m in (plain, ckpt):
+        out = m.model(_batch())
+        out.loss.backward()
+        outs.append((out.loss.detach(), {n: p.grad for n, p in m.model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    assert outs[0][1].keys() == {n.replace("_checkpoint_wrapped_module.", "") for n in outs[1][1]}
+    for n, g in outs[1][1].items():
+        torch.testing.assert_close(g, outs[0][1][n.replace("_checkpoint_wrapped_module.", "")], rtol=1e-5, atol=1e-6)
+
+
+def test_init_from_loads_an_export(tmp_path):
+    from uio.config import ModelConfig
+    from uio.training.module import UIOLitModule
+
+    src = _small_module()
+    src.model.save_pretrained(tmp_path / "export")
+    mc = ModelConfig.load(tmp_path / "export" / "config.json").to_dict()
+    mc.pop("image_tokenizer")
+    dst = UIOLitModule(model=mc, init_from=str(tmp_path / "export"))
+    for (k, a), b in zip(src.model.state_dict().items(), dst.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    bad = dict(mc, d_ff=256)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        UIOLitModule(model=bad, init_from=str(tmp_path / "export"))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager():
+    """train.compile=true compiles each transformer block (inductor; slow to compile on a CPU)."""
+    plain, comp = _small_module(), _small_module(compile=True)
+    comp.model.load_state_dict(plain.model.state_dict())
+    comp._trainer = None
+    comp.configure_model()
+    a, b = plain.model(_batch()).loss, comp.model(_batch()).loss
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    b.backward()

@@ -66,14 +66,19 @@ def transformer_blocks(module: nn.Module) -> list[nn.Module]:
 
 def apply_activation_checkpointing(module: nn.Module) -> int:
     """Recompute each transformer block in the backward pass (non-reentrant). Returns the count."""
+    import functools
+
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointImpl, apply_activation_checkpointing as _apply)
+        CheckpointImpl, checkpoint_wrapper)
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import \
+        apply_activation_checkpointing as _apply
 
     blocks = transformer_blocks(module)
     if not blocks:
         raise ValueError("activation checkpointing found no transformer blocks to wrap")
     ids = {id(b) for b in blocks}
-    _apply(module, check_fn=lambda m: id(m) in ids, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    _apply(module, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+           check_fn=lambda m: id(m) in ids)
     return len(blocks)
 
 
