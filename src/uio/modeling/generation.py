@@ -307,6 +307,8 @@ def generate(network: UnifiedIONetwork, enc: EncoderOutput, max_text_len: int = 
     batch = enc.hidden.shape[0]
     device = enc.hidden.device
     image_len = cfg.decoder_max_image_len if image_output else 0
+    if use_cache:
+        network.pack_for_decoding()  # bf16 on CPU: packed weights for the one-token steps
     make = CachedStepper if use_cache else UncachedStepper
     k = num_beams if method == "beam" else 1
     rows = batch * k

@@ -47,14 +47,74 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+# ---- packed weights for CPU decoding ---------------------------------------------------------
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` can be multiplied through a oneDNN-packed copy: a 2-D bf16 CPU tensor
+    (bf16 only: there the packed product is the same oneDNN kernel family, without reordering the
+    weight at every call; float32 would change the summation order)."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class PackedWeight:
+    """A oneDNN-blocked copy of a weight (out, in) for ``x @ W^T``, valid while the weight's storage,
+    version counter, dtype and shape are unchanged (an optimizer step or ``.to()`` invalidates it).
+
+    On this project's CPU the packed bf16 product of one (or a few) rows reads the weight about
+    twice as fast as ``F.linear`` (measured, with identical results), and decoding one token at a
+    time is bound by reading weights.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        w = weight.detach()
+        self.key = self._key(w)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+
+    @staticmethod
+    def _key(w: torch.Tensor) -> tuple:
+        return (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+
+    def valid_for(self, weight: torch.Tensor) -> bool:
+        return self.key == self._key(weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that multiplies through a :class:`PackedWeight` when one was made by
+    :func:`pack_linears` and is still valid, gradients are off and ``x`` has the weight's dtype."""
+
+    packed: PackedWeight | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.packed
+        if (p is not None and self.bias is None and not torch.is_grad_enabled() and x.dtype == self.weight.dtype
+                and p.valid_for(self.weight)):
+            return p(x)
+        return F.linear(x, self.weight, self.bias)
+
+
+def pack_linears(module: nn.Module) -> int:
+    """Give every bias-free :class:`Linear` under ``module`` with a packable weight a fresh
+    :class:`PackedWeight` (stale ones are replaced); returns how many are packed."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Linear) and m.bias is None and can_pack(m.weight):
+            if m.packed is None or not m.packed.valid_for(m.weight):
+                m.packed = PackedWeight(m.weight)
+            n += 1
+    return n
+
+
 class MlpBlock(nn.Module):
     """Gated-GELU feed-forward block: ``wo(gelu_tanh(wi_0 x) * wi_1 x)``."""
 
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
         super().__init__()
-        self.wi_0 = nn.Linear(d_model, d_ff, bias=False)
-        self.wi_1 = nn.Linear(d_model, d_ff, bias=False)
-        self.wo = nn.Linear(d_ff, d_model, bias=False)
+        self.wi_0 = Linear(d_model, d_ff, bias=False)
+        self.wi_1 = Linear(d_model, d_ff, bias=False)
+        self.wo = Linear(d_ff, d_model, bias=False)
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,10 +211,10 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         inner = num_heads * head_dim
-        self.query = nn.Linear(d_model, inner, bias=False)
-        self.key = nn.Linear(d_model, inner, bias=False)
-        self.value = nn.Linear(d_model, inner, bias=False)
-        self.out = nn.Linear(inner, d_model, bias=False)
+        self.query = Linear(d_model, inner, bias=False)
+        self.key = Linear(d_model, inner, bias=False)
+        self.value = Linear(d_model, inner, bias=False)
+        self.out = Linear(inner, d_model, bias=False)
         self.dropout = dropout
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:

@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from uio.config import ModelConfig
-from uio.modeling.layers import (NEG_INF, Attention, KVCache, MlpBlock, RMSNorm, init_attention_, init_mlp_,
-                                 trunc_normal_fan_in_)
+from uio.modeling.layers import (NEG_INF, Attention, KVCache, MlpBlock, PackedWeight, RMSNorm, can_pack,
+                                 init_attention_, init_mlp_, pack_linears, trunc_normal_fan_in_)
 from uio.modeling.position import (RelativePositionBiases, absolute_position_bias, init_embedding_,
                                    resize_position_embeddings)
 
@@ -405,6 +405,7 @@ class UnifiedIONetwork(nn.Module):
         self.token_embedder = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        self._packed_head: dict[tuple[int, int], PackedWeight] = {}  # see pack_for_decoding
 
     # ---- initialisation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -524,10 +525,30 @@ class UnifiedIONetwork(nn.Module):
         if torch.is_grad_enabled() and w.requires_grad and (start, end) != (0, w.shape[0]):
             logits = _RowSliceLinear.apply(hidden, w, start, end)
         else:
-            logits = F.linear(hidden, w[start:end])
+            packed = self._packed_head.get((start, end))
+            if (packed is not None and not torch.is_grad_enabled() and hidden.dtype == w.dtype
+                    and packed.valid_for(w[start:end])):
+                logits = packed(hidden)
+            else:
+                logits = F.linear(hidden, w[start:end])
         if not scaled:
             return logits
         return logits.float() / math.sqrt(self.config.d_model)
+
+    def pack_for_decoding(self) -> bool:
+        """Make (or refresh) oneDNN-packed copies of the decoder's projections and of the text and
+        image logit tables, used by no-grad calls (:class:`uio.modeling.layers.PackedWeight`).
+        Only for bf16 weights on CPU, where it about halves the time of a batch-1 decoding step;
+        returns False (nothing packed) otherwise. Costs one extra copy of those weights."""
+        w = self.token_embedder.weight
+        if not can_pack(w):
+            return False
+        pack_linears(self.decoder)
+        for start, end in ((0, self.vocab.text_vocab_size), (self.vocab.image_offset, w.shape[0])):
+            packed = self._packed_head.get((start, end))
+            if packed is None or not packed.valid_for(w[start:end]):
+                self._packed_head[(start, end)] = PackedWeight(w[start:end])
+        return True
 
     def masked_logits(self, hidden: torch.Tensor, text_len: int) -> torch.Tensor:
         """Full-vocabulary logits (B, L, V) with the modality masks: slots ``< text_len`` get -1e10
