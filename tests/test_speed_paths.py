@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from uio import Model, ModelConfig
+from uio.modeling import layers
 from uio.modeling.generation import TargetLogProb, token_log_probs
 from uio.modeling.layers import SMALL_QUERY, Attention, BiasAttention, Linear, PackedWeight, can_pack, pack_linears
 
@@ -41,8 +42,10 @@ def _qkv(b=2, h=3, lq=5, lk=7, dh=4, dtype=torch.float32, seed=0):
 
 
 # ---- attention ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("bias_shape", [(2, 3, 5, 7), (1, 3, 5, 7), (2, 1, 1, 7), (2, 1, 5, 7), None])
-def test_bias_attention_matches_sdpa(bias_shape):
+@pytest.mark.parametrize("chunk", [1 << 21, 1])  # one chunk / one batch row per chunk
+@pytest.mark.parametrize("bias_shape", [(2, 3, 5, 7), (1, 3, 5, 7), (2, 1, 1, 7), (2, 1, 5, 7), (5, 7), None])
+def test_bias_attention_matches_sdpa(bias_shape, chunk, monkeypatch):
+    monkeypatch.setattr(layers, "CHUNK_SCORES", chunk)
     q, k, v = _qkv()
     bias = None if bias_shape is None else torch.randn(*bias_shape).requires_grad_()
     grad = torch.randn(2, 3, 5, 4)
@@ -92,9 +95,11 @@ def test_bias_attention_bf16_close_to_float32():
         assert (a.float() - b).norm() / b.norm() < 0.03
 
 
+@pytest.mark.parametrize("chunk", [1 << 21, 1])
 @pytest.mark.parametrize("lq", [1, 3, SMALL_QUERY])
 @pytest.mark.parametrize("bias_kind", ["float", "bool", "none"])
-def test_small_query_path_matches_sdpa(lq, bias_kind):
+def test_small_query_path_matches_sdpa(lq, bias_kind, chunk, monkeypatch):
+    monkeypatch.setattr(layers, "CHUNK_SCORES", chunk)
     attn = Attention(8, 2, 4).eval()
     q, k, v = (t.detach() for t in _qkv(h=2, lq=lq, lk=9))
     bias = {"float": torch.randn(2, 2, lq, 9), "bool": torch.rand(2, 1, lq, 9) > 0.3, "none": None}[bias_kind]
@@ -104,6 +109,18 @@ def test_small_query_path_matches_sdpa(lq, bias_kind):
         out = attn.attend(q, k, v, bias)  # the matmul path
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
     torch.testing.assert_close(out, ref.transpose(1, 2).reshape(2, lq, 8), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_inference_attention_matches_sdpa(monkeypatch):
+    """bf16 CPU inference over long queries runs chunked matmuls; same numbers as SDPA's kernel."""
+    monkeypatch.setattr(layers, "CHUNK_SCORES", 40 * 3)  # two batch rows per chunk
+    attn = Attention(8, 2, 4).eval()
+    q, k, v = (t.detach().bfloat16() for t in _qkv(b=5, h=2, lq=40, lk=30))
+    bias = torch.randn(1, 2, 40, 30)
+    with torch.no_grad():
+        out = attn.attend(q, k, v, bias)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias, scale=1.0)
+    torch.testing.assert_close(out.float(), ref.transpose(1, 2).reshape(5, 40, 8), atol=0.03, rtol=0.03)
 
 
 def test_attention_training_path_is_bias_attention_and_matches_sdpa():
