@@ -299,7 +299,7 @@ def export_model(trainer, module, directory: str | Path) -> Path | None:
     """``uio.Model.save_pretrained(directory)`` from rank 0 (sharded weights are gathered first)."""
     from uio.training.strategies import is_fsdp1, is_fsdp2
 
-    directory = Path(directory)
+    directory = Path(directory).resolve()
     sharded = is_fsdp2(trainer.strategy) or is_fsdp1(trainer.strategy)
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
