@@ -54,11 +54,12 @@ def make_inputs(cfg, batch: int, enc_text: int, device: torch.device, seed: int 
 
 
 def run(size: str, batch: int, mode: str, dtype_name: str, text_tokens: int, enc_text: int, repeats: int,
-        device: torch.device, models: dict | None = None) -> dict:
+        device: torch.device, models: dict | None = None, overrides: dict | None = None) -> dict:
+    """One row: uio and HF (cached in ``models`` between rows of one size), interleaved."""
     from uio import Model, ModelConfig
 
     dtype = DTYPES[dtype_name]
-    cfg = ModelConfig.from_size(size)
+    cfg = ModelConfig.from_size(size, **(overrides or {}))
     if models is None or models.get("size") != size:
         torch.manual_seed(0)
         with torch.device(device):

@@ -303,8 +303,9 @@ class Attention(nn.Module):
             if lq <= SMALL_QUERY or q.dtype in (torch.bfloat16, torch.float16):
                 o = chunked_attention(q, k, v, bias)  # (B, H, Lq, Dh)
                 return o.transpose(1, 2).reshape(b, lq, self.num_heads * self.head_dim)
-        if bias is not None and bias.dtype not in (q.dtype, torch.float32, torch.bool):
-            bias = bias.to(q.dtype)
+        if bias is not None and bias.dtype not in (q.dtype, torch.bool) and (
+                q.device.type != "cpu" or bias.dtype != torch.float32):
+            bias = bias.to(q.dtype)  # CUDA's fused kernels take only a bias of the query's dtype
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)  # (B, H, Lq, Dh)
         return o.transpose(1, 2).reshape(b, lq, self.num_heads * self.head_dim)
 
