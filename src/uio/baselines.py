@@ -320,6 +320,8 @@ class ConstantMask(Baseline):
                  answer: MajorityText | None = None):
         super().__init__(task)
         self.masks, self.allow_empty, self.answer = masks, allow_empty, answer
+        if answer is not None:
+            self.name = "majority answer + best constant mask"
 
     def _fit(self, examples):
         unions = [_grid(_mask_union(self.masks(ex), _hw(ex)).astype(np.float32), "nearest") > 0.5 for ex in examples]

@@ -526,6 +526,8 @@ def save_predictions(out_dir: str | Path, result: TaskEvaluation, num_html: int 
     PNG files for dense maps (depth in millimetres as 16-bit PNG, normals as ``(n + 1) / 2`` RGB,
     instance masks as 8-bit index maps, images) and ``index.html``, a grid of the first
     ``num_html`` examples (input, prediction, ground truth, texts)."""
+    from uio.tasks import get_task
+
     task = result.task
     d = Path(out_dir) / task
     d.mkdir(parents=True, exist_ok=True)
@@ -536,7 +538,7 @@ def save_predictions(out_dir: str | Path, result: TaskEvaluation, num_html: int 
         stem = _stem(i, meta)
         rec: dict[str, Any] = {"index": i, "id": meta.get("id"), "task": task, "prompt": meta.get("prompt")}
         text = _text_of(pred)
-        if text or task not in ("depth", "surface_normals"):
+        if text or get_task(task).output in ("text", "label", "text+image"):
             rec["prediction"] = text
         if "boxes" in pred:
             boxes = np.asarray(pred["boxes"], dtype=np.float64).reshape(-1, 4)
