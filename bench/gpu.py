@@ -151,11 +151,8 @@ def train_once(cfg, batch: int, device: torch.device, fsdp: bool, checkpointing:
     med = statistics.median(times)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     params = sum(p.numel() for p in model.parameters())
-    del model, opt, data
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return dict(size=cfg.name, params=params, batch=batch, enc_len=le, dec_len=ld, fsdp=fsdp, checkpointing=checkpointing,
+    return dict(size=cfg.name, params=params, batch=batch, enc_len=le, dec_len=ld, fsdp=fsdp,
+                checkpointing=checkpointing,
                 compile=compile_blocks, step_s=med, times=times, warmup_s=warm_s, tokens_s=batch * (le + ld) / med,
                 flops=train_flops(cfg, batch, le, ld, cfg.encoder_max_image_len), peak_mem_gib=mem, loss=loss)
 
@@ -173,11 +170,14 @@ def train(size: str, batch: str, device: torch.device, fsdp: bool, checkpointing
         for b in sizes:
             try:
                 r = train_once(cfg, b, device, fsdp, checkpointing, compile_blocks, steps, warmup)
-                break
             except torch.OutOfMemoryError:
                 print(f"{size}: batch {b} runs out of memory", flush=True)
-                gc.collect()
+                r = None
+            gc.collect()  # the model and optimizer of the attempt go before the next one
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if r is not None:
+                break
         else:
             raise RuntimeError(f"{size}: not even batch {sizes[-1]} fits")
     return r
@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n### {name} (torch {torch.__version__})\n")
     if runs:
         print(fmt_table([{"size": r["size"], "batch": r["batch"], "FSDP2": "yes" if r["fsdp"] else "no",
-                          "act. ckpt": "yes" if r["checkpointing"] else "no", "compile": "yes" if r["compile"] else "no",
+                          "act. ckpt": "yes" if r["checkpointing"] else "no",
+                          "compile": "yes" if r["compile"] else "no",
                           "s/step": f"{r['step_s']:.3f}", "tokens/s": f"{r['tokens_s']:.0f}",
                           "MFU (measured peak)": f"{r['mfu_measured']:.1%}",
                           "MFU (nominal)": f"{r['mfu_nominal']:.1%}" if r["mfu_nominal"] else "n/a",

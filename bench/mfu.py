@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
           f"fp32 {matmul_peak_tflops(torch.float32):.3f} TFLOP/s ({torch.get_num_threads()} threads)")
     for s in a.sizes:
         cfg = ModelConfig.from_size(s)
-        le, ld = cfg.encoder_max_text_len + cfg.encoder_max_image_len, cfg.decoder_max_text_len + cfg.decoder_max_image_len
+        le = cfg.encoder_max_text_len + cfg.encoder_max_image_len
+        ld = cfg.decoder_max_text_len + cfg.decoder_max_image_len
         fl = train_flops(cfg, 1, le, ld, cfg.encoder_max_image_len)
         print(f"{s:>6}: training step at the original lengths (encoder {le}, decoder {ld}): "
               f"{fl / 1e12:.3f} TFLOP per example")

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--layout", choices=["original", "t5"], default="original")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="bf16 = autocast, fp32 = plain")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile uio's transformer blocks (slow to compile)")

@@ -470,4 +470,4 @@ def token_log_probs(network: UnifiedIONetwork, hidden: torch.Tensor, targets: to
 
 
 __all__ = ["GenerationOutput", "generate", "score_options", "token_log_probs", "top_p_filter", "sample_tokens",
-           "CachedStepper", "UncachedStepper", "F"]
+           "CachedStepper", "UncachedStepper", "TargetLogProb"]
