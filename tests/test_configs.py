@@ -170,6 +170,21 @@ def test_model_fields_must_agree_with_the_tokenizers():
     assert (mc.text_vocab, mc.image_vocab, mc.image_target_grid, mc.image_target_size) == (3000, 512, (8, 8), (64, 64))
 
 
+def test_time_budget_caps_training(tmp_path):
+    """train.time_budget becomes the Trainer's max_time (the smaller of it and trainer.max_time)."""
+    from uio.training.train import build_trainer
+
+    cfg = _compose("+experiment=tiny_multitask", f"paths.run_dir={tmp_path}")
+    assert cfg.train.time_budget == 15
+    timer = lambda t: [c for c in t.callbacks if type(c).__name__ == "Timer"]  # noqa: E731
+    assert timer(build_trainer(cfg)) == []
+    (t,) = timer(build_trainer(cfg, max_seconds=300))
+    assert t._duration == 300
+    (t,) = timer(build_trainer(_compose("+experiment=tiny_multitask", f"paths.run_dir={tmp_path}",
+                                        "trainer.max_time=00:00:02:00"), max_seconds=300))
+    assert t._duration == 120  # whichever limit comes first
+
+
 def test_global_batch_size_sets_accumulation(tmp_path):
     from uio.training.train import build_trainer
 

@@ -7,17 +7,21 @@
 """
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import time
 
-from uio.cli import conf_dir
+_STARTED = time.time()  # the job's clock (train.time_budget) starts before the heavy imports
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from uio.cli import conf_dir  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def _app(cfg: DictConfig) -> None:
     from uio.training.train import run  # heavy imports only once the config composed
 
-    run(cfg)
+    run(cfg, start_time=_STARTED)
 
 
 def main() -> None:

@@ -128,15 +128,13 @@ class UIOLitModule(pl.LightningModule):
             from uio.image_tokenizer import build_image_tokenizer
 
             img_tok = build_image_tokenizer(dict(image_tokenizer))
-        m = Model(config, image_tokenizer=img_tok, text_tokenizer=tok)
+        m = Model(config, image_tokenizer=img_tok, text_tokenizer=tok)  # initialised (T5X init) unless on meta
         if init_from is not None:
             src = Model.from_pretrained(init_from)
             missing, unexpected = m.load_state_dict(src.state_dict(), strict=False)
             if unexpected or [k for k in missing if not k.startswith("image_tokenizer.")]:
                 raise ValueError(f"init_from={init_from}: weights do not fit this model "
                                  f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-        elif not any(p.is_meta for p in m.parameters()):
-            m.init_weights()
         return m
 
     def configure_model(self) -> None:

@@ -226,7 +226,7 @@ def _train_opts(cfg: DictConfig) -> dict[str, Any]:
     return t
 
 
-def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None):
+def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None, max_seconds: float | None = None):
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
@@ -238,6 +238,16 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None):
                                     activation_checkpointing=bool(cfg.train.activation_checkpointing))
     if kw.get("val_check_interval") is None:
         kw["limit_val_batches"] = 0
+    if max_seconds is not None:  # the job's time budget caps training (whichever limit comes first)
+        import datetime
+
+        cap = datetime.timedelta(seconds=max(1.0, max_seconds))
+        if kw.get("max_time") is not None:
+            from lightning.pytorch.callbacks import Timer
+
+            given = datetime.timedelta(seconds=Timer(duration=kw["max_time"])._duration)  # Lightning's parsing
+            cap = min(cap, given)
+        kw["max_time"] = cap
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if kw.get("enable_progress_bar") is False:  # `trainer.enable_progress_bar=false` wins over the callback
         from lightning.pytorch.callbacks import ProgressBar
@@ -363,10 +373,11 @@ def _print_summary(s: Mapping[str, Any]) -> None:
 
 
 # ---- entry ------------------------------------------------------------------------------------------
-def run(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
+def run(cfg: DictConfig, callbacks: list | None = None, start_time: float | None = None) -> dict[str, Any]:
     """Train according to a composed config; returns the summary (rank 0) or {}.
 
-    ``callbacks``: extra Lightning callbacks (objects) besides the configured ones."""
+    ``callbacks``: extra Lightning callbacks (objects) besides the configured ones. ``start_time``:
+    when the job started (``time.time()``; default now), for ``train.time_budget``."""
     if cfg.get("job", "multitask") == "vqgan":
         from uio.image_tokenizer.training import run as run_vqgan
 
@@ -381,9 +392,14 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
-    t0 = time.time()
+    t0 = start_time if start_time is not None else time.time()
     dm, module, _ = build_components(cfg)
-    trainer = build_trainer(cfg, callbacks)
+    max_seconds = None
+    budget = cfg.train.get("time_budget")
+    if budget:  # minutes for the whole job: what the artefacts left, minus the final validation/export
+        max_seconds = float(budget) * 60 - (time.time() - t0) - float(cfg.train.get("time_reserve") or 0) * 60
+        _log(f"time budget {budget} min: at most {max_seconds / 60:.1f} min of training")
+    trainer = build_trainer(cfg, callbacks, max_seconds)
     _even_validation(trainer, dm)
     ckpt = resolve_resume(cfg)
     if ckpt:
