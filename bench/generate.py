@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import fmt_table, hf_t5_like, matmul_peak_tflops  # noqa: E402
+from mfu import warn_if_busy  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutput  # noqa: E402
 
 from uio.modeling.generation import generate  # noqa: E402
@@ -135,11 +136,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--enc-text", type=int, default=32, help="encoder text tokens (plus 576 patches)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: reproducible ratios on a shared machine, see README)")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
+    warn_if_busy(a.threads)
     device = torch.device(a.device)
     peak = matmul_peak_tflops(torch.bfloat16, device=a.device)
     print(f"device {device}, {torch.get_num_threads()} threads; bf16 matmul peak {peak:.3f} TFLOP/s (measured now)",

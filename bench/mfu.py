@@ -28,6 +28,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def warn_if_busy(threads: int) -> None:
+    """Multi-threaded CPU timings on an oversubscribed machine measure OpenMP barrier stalls (every
+    parallel op waits a scheduler time slice for the descheduled thread), not the model: say so."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return
+    cores = os.cpu_count() or 1
+    if threads > 1 and load > cores:
+        print(f"WARNING: load average {load:.1f} on {cores} cores: with {threads} threads every parallel op can stall "
+              f"for a time slice; rerun with --threads 1 for meaningful ratios", flush=True)
+
+
 def forward_flops(cfg, batch: int, enc_len: int, dec_len: int, patches: int = 0) -> float:
     """Matmul FLOPs of one forward pass over ``batch`` rows of ``enc_len`` encoder tokens (of which
     ``patches`` are image patches) and ``dec_len`` decoder tokens, for a :class:`uio.ModelConfig`."""

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import autocast, fmt_table, hf_t5_like, matmul_peak_tflops  # noqa: E402
-from mfu import train_flops  # noqa: E402
+from mfu import train_flops, warn_if_busy  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -210,11 +210,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile uio's transformer blocks (slow to compile)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: reproducible ratios on a shared machine, see README)")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
+    warn_if_busy(a.threads)
     device = torch.device(a.device)
     peak = matmul_peak_tflops(DTYPES[a.dtype], device=a.device)
     print(f"device {device}, {torch.get_num_threads()} threads; {a.dtype} matmul peak {peak:.3f} TFLOP/s "
