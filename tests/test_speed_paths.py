@@ -238,6 +238,8 @@ def test_bf16_generation_with_packed_weights_equals_unpacked():
     assert plain.network.decoder.layers[0].mlp.wi_0.packed is None
     assert torch.equal(a.text_tokens, b.text_tokens)
     assert torch.equal(a.image_codes, b.image_codes)
+    model.network.drop_packed()
+    assert not model.network._packed_head and all(getattr(m, "packed", None) is None for m in model.modules())
 
 
 def test_bf16_decoding_agrees_with_float32():

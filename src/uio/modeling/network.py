@@ -550,6 +550,13 @@ class UnifiedIONetwork(nn.Module):
                 self._packed_head[(start, end)] = PackedWeight(w[start:end])
         return True
 
+    def drop_packed(self) -> None:
+        """Free the packed copies made by :meth:`pack_for_decoding` (the next ``generate`` remakes them)."""
+        self._packed_head.clear()
+        for m in self.modules():
+            if getattr(m, "packed", None) is not None:
+                m.packed = None
+
     def masked_logits(self, hidden: torch.Tensor, text_len: int) -> torch.Tensor:
         """Full-vocabulary logits (B, L, V) with the modality masks: slots ``< text_len`` get -1e10
         on image ids, later slots -1e10 on text ids (the original ``Transformer.decode``)."""
