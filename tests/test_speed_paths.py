@@ -200,6 +200,12 @@ def test_packed_linear_matches_linear_and_goes_stale():
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight))
     pack_linears(lin)
     assert lin.packed.valid_for(lin.weight)
+    old = lin.packed
+    lin.weight = torch.nn.Parameter(lin.weight.detach().clone())  # new weights (load_state_dict(assign=True))
+    assert not old.valid_for(lin.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight))
+    pack_linears(lin)
     y = lin(x)  # with gradients on, the plain product (the packed copy has no autograd)
     assert y.grad_fn is not None
 

@@ -16,6 +16,7 @@ Parameter names follow the Flax modules (``query/key/value/out``, ``wi_0/wi_1/wo
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -51,32 +52,34 @@ class RMSNorm(nn.Module):
 # ---- packed weights for CPU decoding ---------------------------------------------------------
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether ``weight`` can be multiplied through a oneDNN-packed copy: a 2-D bf16 CPU tensor
-    (bf16 only: there the packed product is the same oneDNN kernel family, without reordering the
-    weight at every call; float32 would change the summation order)."""
+    (bf16 only: measured faster there with identical results; in float32 the packed kernel sums in
+    another order)."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 class PackedWeight:
-    """A oneDNN-blocked copy of a weight (out, in) for ``x @ W^T``, valid while the weight's storage,
-    version counter, dtype and shape are unchanged (an optimizer step or ``.to()`` invalidates it).
+    """A oneDNN-blocked copy of ``weight[start:end]`` (out, in) for ``x @ W^T``, valid for that very
+    weight tensor while its storage, version counter, dtype and shape are unchanged (an optimizer
+    step, ``load_state_dict`` or ``.to()`` invalidates it).
 
     On this project's CPU the packed bf16 product of one (or a few) rows reads the weight about
     twice as fast as ``F.linear`` (measured, with identical results), and decoding one token at a
     time is bound by reading weights.
     """
 
-    def __init__(self, weight: torch.Tensor):
-        w = weight.detach()
-        self.key = self._key(w)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+    def __init__(self, weight: torch.Tensor, start: int | None = None, end: int | None = None):
+        self._ref = weakref.ref(weight)
+        self.key = self._key(weight)
+        part = weight.detach() if start is None else weight.detach()[start:end]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(part.contiguous(), 1)
 
     @staticmethod
     def _key(w: torch.Tensor) -> tuple:
         return (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
 
     def valid_for(self, weight: torch.Tensor) -> bool:
-        return self.key == self._key(weight)
+        return self._ref() is weight and self.key == self._key(weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")

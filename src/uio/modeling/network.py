@@ -526,8 +526,7 @@ class UnifiedIONetwork(nn.Module):
             logits = _RowSliceLinear.apply(hidden, w, start, end)
         else:
             packed = self._packed_head.get((start, end))
-            if (packed is not None and not torch.is_grad_enabled() and hidden.dtype == w.dtype
-                    and packed.valid_for(w[start:end])):
+            if packed is not None and not torch.is_grad_enabled() and hidden.dtype == w.dtype and packed.valid_for(w):
                 logits = packed(hidden)
             else:
                 logits = F.linear(hidden, w[start:end])
@@ -546,8 +545,8 @@ class UnifiedIONetwork(nn.Module):
         pack_linears(self.decoder)
         for start, end in ((0, self.vocab.text_vocab_size), (self.vocab.image_offset, w.shape[0])):
             packed = self._packed_head.get((start, end))
-            if packed is None or not packed.valid_for(w[start:end]):
-                self._packed_head[(start, end)] = PackedWeight(w[start:end])
+            if packed is None or not packed.valid_for(w):
+                self._packed_head[(start, end)] = PackedWeight(w, start, end)
         return True
 
     def drop_packed(self) -> None:
