@@ -343,7 +343,10 @@ def summarize(module, trainer, run_dir: Path, export_dir: Path | None, seconds: 
                            "world_size": int(trainer.world_size),
                            "seconds": round(seconds, 1),
                            "checkpoint_dir": None, "export_dir": str(export_dir) if export_dir else None,
-                           "groups": {}}
+                           "groups": {}, "val": {}}
+    for k, v in sorted(trainer.callback_metrics.items()):  # the last validation's losses and task metrics
+        if k.startswith("val/") and isinstance(v, torch.Tensor) and v.numel() == 1 and math.isfinite(float(v)):
+            out["val"][k] = round(float(v), 4)
     ck = getattr(trainer, "checkpoint_callback", None)
     if ck is not None and getattr(ck, "dirpath", None):
         out["checkpoint_dir"] = str(ck.dirpath)
