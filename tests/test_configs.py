@@ -101,6 +101,13 @@ def test_paper_recipe_numbers(size, batch):
     assert _compose(f"+experiment={size}_multitask").init_from.endswith(f"{size}_pretrain/model")
 
 
+def test_debug_preset():
+    cfg = _compose("+experiment=tiny_multitask", "+debug=fast")
+    check_config(cfg)
+    assert cfg.trainer.max_steps == 3 and cfg.callbacks.checkpoint is None and not cfg.train.export
+    assert all(v is None for v in cfg.logger.values())
+
+
 def test_tiny_multitask_is_the_cpu_job():
     cfg = _compose("+experiment=tiny_multitask")
     check_config(cfg)
