@@ -251,7 +251,8 @@ class Model(InferenceMixin, nn.Module):
         if self.image_tokenizer is None:
             raise ValueError("the batch has image_targets (pixels) but this model has no image tokenizer; pass "
                              "image_target_codes instead or build the Model with an image_tokenizer")
-        dtype = next(self.image_tokenizer.parameters()).dtype
+        param = next(self.image_tokenizer.parameters(), None)  # a tokenizer may have no parameters
+        dtype = param.dtype if param is not None else torch.float32
         with torch.autocast(self.device.type, enabled=False):
             return self.image_tokenizer.encode(images.to(dtype))
 
