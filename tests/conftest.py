@@ -15,6 +15,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread per test, restored afterwards (a test or a recipe it runs
+    may change the count)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
 def _private_uio_home(tmp_path_factory, monkeypatch):
     """Artefacts built during a test never touch the user's ~/.cache/uio."""
     monkeypatch.setenv("UIO_HOME", str(tmp_path_factory.mktemp("uio_home")))

@@ -12,15 +12,6 @@ TINY = dict(text_vocab=500, image_vocab=64, image_input_size=(32, 32), image_tar
             num_decoder_layers=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP stalls on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(seed: int = 0, **kw) -> Model:
     torch.manual_seed(seed)
     model = Model(ModelConfig.from_size("tiny", **{**TINY, **kw}))

@@ -25,15 +25,6 @@ from uio.image_tokenizer.training import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: steadier (and on a shared 2-core machine faster) for these tiny models."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(tmp_path, **kw) -> VQGANTrainConfig:
     base = dict(config="vqgan_test", data="shapes", steps=40, batch_size=8, num_train_images=96, num_val_images=16,
                 restart_every=10, warmup_steps=5, lr=2e-3, output_dir=str(tmp_path / "tok"), max_minutes=None,

@@ -15,15 +15,6 @@ SMALL = dict(image_input_size=(32, 32), d_model=128, num_heads=2, d_ff=256, num_
              num_decoder_layers=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP stalls on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(cfg: ModelConfig, b: int = 2, pixels: bool = False) -> dict:
     g = torch.Generator().manual_seed(0)
     text = torch.randint(3, cfg.text_vocab, (b, 5), generator=g)

@@ -49,16 +49,6 @@ def make_batch(cfg: ModelConfig, b: int = 3, seed: int = 0, image_targets: bool 
     return batch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP stalls on a shared 2-core machine
-    (make test already runs two pytest workers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_model() -> Model:
     torch.manual_seed(0)

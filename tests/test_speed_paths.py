@@ -28,14 +28,6 @@ TINY = dict(text_vocab=500, image_vocab=64, image_input_size=(32, 32), image_tar
             num_decoder_layers=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _qkv(b=2, h=3, lq=5, lk=7, dh=4, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, h, n, dh, generator=g, dtype=dtype).requires_grad_() for n in (lq, lk, lk)]

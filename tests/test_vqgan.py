@@ -23,14 +23,6 @@ from uio.image_tokenizer.vqgan import VectorQuantizer
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: steadier (and on a shared 2-core machine faster) for these small models."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # A scaled-down f16 network: same structure as vqgan_imagenet_f16_16384 (5 levels, 2 res blocks,
 # attention at the lowest level), narrower and at 64x64 so the reference forward is fast.
 SMALL_F16 = dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(4,), resolution=64,
