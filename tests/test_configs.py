@@ -192,6 +192,35 @@ def test_time_budget_caps_training(tmp_path):
     assert t._duration == 120  # whichever limit comes first
 
 
+def test_time_budget_leaves_out_artefact_building(tmp_path, monkeypatch):
+    """Building missing artefacts (once per $UIO_HOME) does not eat into train.time_budget."""
+    import time
+
+    import uio.training.train as train
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def slow_artefacts(cfg):
+        time.sleep(3.0)
+        return "tok", None
+
+    def capture(cfg, callbacks=None, max_seconds=None):
+        seen["max_seconds"] = max_seconds
+        raise Stop
+
+    monkeypatch.setattr(train, "prepare_artefacts", slow_artefacts)
+    monkeypatch.setattr(train, "build_components", lambda cfg, artefacts=None: (None, None, None))
+    monkeypatch.setattr(train, "build_trainer", capture)
+    cfg = _compose("+experiment=tiny_multitask", f"paths.run_dir={tmp_path}", "train.time_budget=1",
+                   "train.time_reserve=0")
+    with pytest.raises(Stop):
+        train.run(cfg)
+    assert 58.0 < seen["max_seconds"] <= 60.0  # the 3 s of artefact building are not counted
+
+
 def test_global_batch_size_sets_accumulation(tmp_path):
     from uio.training.train import build_trainer
 

@@ -266,9 +266,10 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None, max_seco
     return trainer
 
 
-def build_components(cfg: DictConfig):
-    """(datamodule, module, model_config) for a checked config; artefacts built if missing."""
-    text_tok, image_spec = prepare_artefacts(cfg)
+def build_components(cfg: DictConfig, artefacts: tuple[Any, Any] | None = None):
+    """(datamodule, module, model_config) for a checked config; artefacts built if missing
+    (``artefacts``: what :func:`prepare_artefacts` returned, when the caller already ran it)."""
+    text_tok, image_spec = artefacts if artefacts is not None else prepare_artefacts(cfg)
     model_config = model_config_from(cfg, text_tok.vocab.text_vocab, image_spec)
     dm = build_datamodule(cfg, model_config, text_tok)
     module = build_module(cfg, model_config, image_spec, text_tok)
@@ -396,11 +397,17 @@ def run(cfg: DictConfig, callbacks: list | None = None, start_time: float | None
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     t0 = start_time if start_time is not None else time.time()
-    dm, module, _ = build_components(cfg)
+    t_art = time.time()
+    artefacts = prepare_artefacts(cfg)
+    art_seconds = time.time() - t_art
+    if art_seconds > 30:
+        _log(f"artefacts built in {art_seconds / 60:.1f} min (once: they are cached under $UIO_HOME)")
+    dm, module, _ = build_components(cfg, artefacts)
     max_seconds = None
     budget = cfg.train.get("time_budget")
-    if budget:  # minutes for the whole job: what the artefacts left, minus the final validation/export
-        max_seconds = float(budget) * 60 - (time.time() - t0) - float(cfg.train.get("time_reserve") or 0) * 60
+    if budget:  # minutes for the job less the one-off artefact building, minus the final validation/export
+        spent = time.time() - t0 - art_seconds
+        max_seconds = float(budget) * 60 - spent - float(cfg.train.get("time_reserve") or 0) * 60
         _log(f"time budget {budget} min: at most {max_seconds / 60:.1f} min of training")
     trainer = build_trainer(cfg, callbacks, max_seconds)
     _even_validation(trainer, dm)
