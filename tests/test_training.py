@@ -37,6 +37,20 @@ def test_scheduler_steps_per_optimizer_step():
     assert lrs[4:] == pytest.approx([1e-2 * math.sqrt(4 / k) for k in (5, 6, 7, 8)])
 
 
+def test_cosine_follows_steps_or_time_whichever_is_further():
+    """With a time limit, the cosine decay is driven by the larger of step and time progress."""
+    from uio.training.optim import cosine_schedule
+
+    spent = [0.0]
+    f = cosine_schedule(1000, time_progress=lambda: spent[0])
+    assert f(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))  # steps lead
+    spent[0] = 0.5
+    assert f(99) == pytest.approx(0.5)  # time leads: half the budget spent
+    spent[0] = 1.0
+    assert f(99) == pytest.approx(0.0) and f(2000) == pytest.approx(0.0)
+    assert cosine_schedule(1000)(499) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
 def _reference_adafactor_step(p, g, state, k, lr=1e-2, beta1=0.9, decay=0.8, eps1=1e-30, eps2=1e-3, d=1.0):
     """Adafactor written out for one (R, C) matrix in float64, from the paper's algorithm."""
     beta2 = 1 - k ** -decay

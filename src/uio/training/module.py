@@ -167,8 +167,20 @@ class UIOLitModule(pl.LightningModule):
         total = self.hparams.max_steps if self.hparams.max_steps and self.hparams.max_steps > 0 else None
         sched = build_scheduler(opt, o.get("schedule", "rsqrt"), constant_steps=int(o.get("constant_steps", 10_000)),
                                 warmup_steps=int(o.get("warmup_steps", 0)), total_steps=total,
-                                min_ratio=float(o.get("min_ratio", 0.0)))
+                                min_ratio=float(o.get("min_ratio", 0.0)), time_progress=self._time_progress)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _time_progress(self) -> float:
+        """Fraction of the trainer's time limit (``trainer.max_time``, which ``train.time_budget``
+        sets) spent training so far; 0 without one. Lightning's Timer keeps its elapsed time in
+        checkpoints, so a resumed run continues the same schedule."""
+        from lightning.pytorch.callbacks import Timer
+
+        trainer = self._trainer
+        timer = next((c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, Timer)), None)
+        if timer is None or not timer._duration:
+            return 0.0
+        return min(1.0, timer.time_elapsed("train") / timer._duration)
 
     # ---- training --------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Any], num_patches: int | None = None):

@@ -150,8 +150,13 @@ def rsqrt_schedule(constant_steps: int = 10_000, warmup_steps: int = 0) -> Calla
     return factor
 
 
-def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> Callable[[int], float]:
-    """Linear warm-up then cosine decay to ``min_ratio`` at ``total_steps``."""
+def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0,
+                    time_progress: Callable[[], float] | None = None) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to ``min_ratio`` at ``total_steps``.
+
+    ``time_progress``: the fraction of a time limit already spent (0..1). The decay then follows
+    whichever is further along, steps or time, so a run that a time budget stops early still ends
+    with a decayed learning rate instead of being cut off at a high one."""
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1 for a cosine schedule, got {total_steps}")
 
@@ -160,6 +165,8 @@ def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 
         if warmup_steps and k <= warmup_steps:
             return k / warmup_steps
         t = min(1.0, (k - warmup_steps) / max(1, total_steps - warmup_steps))
+        if time_progress is not None:
+            t = min(1.0, max(t, float(time_progress())))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
     return factor
@@ -206,14 +213,16 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, *, constant_steps: int = 10_000,
                     warmup_steps: int = 0, total_steps: int | None = None,
-                    min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step ``LambdaLR``; ``name`` in :data:`SCHEDULES`."""
+                    min_ratio: float = 0.0, time_progress: Callable[[], float] | None = None
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step ``LambdaLR``; ``name`` in :data:`SCHEDULES` (``time_progress``: see
+    :func:`cosine_schedule`; the other schedules depend on the step only)."""
     if name == "rsqrt":
         fn = rsqrt_schedule(constant_steps, warmup_steps)
     elif name == "cosine":
         if total_steps is None or total_steps < 1:
             raise ValueError(f"the cosine schedule needs total_steps >= 1 (trainer.max_steps), got {total_steps}")
-        fn = cosine_schedule(total_steps, warmup_steps, min_ratio)
+        fn = cosine_schedule(total_steps, warmup_steps, min_ratio, time_progress)
     elif name == "constant":
         fn = constant_schedule(warmup_steps)
     else:
