@@ -142,6 +142,28 @@ def test_evaluate_task_scores_model_and_baseline_on_the_same_targets(world, mode
     assert evaluate_task(model, "depth", exs).metrics == r.metrics
 
 
+def test_tokenizer_ceiling_is_the_ground_truth_through_the_image_tokenizer(world, model, monkeypatch):
+    exs = load_examples(world, "depth", "val")
+    r = evaluate_task(model, "depth", exs, ceiling=True)
+    assert r.ceiling is not None and math.isfinite(r.ceiling["depth"]["rmse"])
+    assert r.to_dict()["tokenizer_ceiling"] == r.ceiling
+    assert evaluate_task(model, "vqa", load_examples(world, "vqa", "val"), ceiling=True).ceiling is None
+    # with a lossless tokenizer the ceiling is the ground truth itself, up to grey levels and resizing
+    # (the dense target is smaller than the image)
+    kept = []
+
+    def encode(pixels):
+        kept.append(pixels.clone())
+        return torch.zeros(pixels.shape[0], model.config.decoder_max_image_len, dtype=torch.long)
+
+    monkeypatch.setattr(model, "encode_image_targets", encode)
+    blank = lambda codes: torch.zeros(codes.shape[0], 3, *model.config.image_target_size)  # noqa: E731 (generation)
+    monkeypatch.setattr(model, "decode_image_codes", lambda codes: kept.pop() if kept else blank(codes))
+    lossless = evaluate_task(model, "depth", exs, ceiling=True).ceiling["depth"]
+    assert lossless["abs_rel"] < 0.05 and lossless["delta1"] > 0.95  # what is left: edges blurred by resizing
+    assert lossless["rmse"] < 0.2 * r.ceiling["depth"]["rmse"]  # the random test VQ-GAN loses most of it
+
+
 def test_question_answering_reads_every_window(world, model, monkeypatch):
     """A context longer than the encoder is answered from all its windows, never the gold one."""
     import uio.tasks.pipelines as pipelines
@@ -238,9 +260,11 @@ def test_grit_table_missing_task_counts_zero_and_table_margins():
     assert depth["margin"] == pytest.approx(0.3) and depth["ratio"] == pytest.approx(0.5) and depth["beats_baseline"]
     assert math.isnan(loc["baseline"]) and not loc["beats_baseline"]
     table = format_table(rows)
-    assert "| vqa | vqa_accuracy.acc ↑ | 10 | 0.500 | 0.200 | +0.300 | 2.50× | rule |" in table
-    assert "| depth | depth.rmse ↓ | 10 | 0.300 | 0.600 | +0.300 | 0.50× | rule |" in table
-    assert "| object_localization | box_accuracy.acc ↑ | 10 | 0.900 | – | – | – | – |" in table
+    assert "| vqa | vqa_accuracy.acc ↑ | 10 | 0.500 | 0.200 | +0.300 | 2.50× | rule | – |" in table
+    assert "| depth | depth.rmse ↓ | 10 | 0.300 | 0.600 | +0.300 | 0.50× | rule | – |" in table
+    assert "| object_localization | box_accuracy.acc ↑ | 10 | 0.900 | – | – | – | – | – |" in table
+    results[2].ceiling = {"depth": {"rmse": 0.1}}
+    assert "| depth | depth.rmse ↓ | 10 | 0.300 | 0.600 | +0.300 | 0.50× | rule | 0.100 |" in format_table(primary_rows(results))
 
 
 def test_eval_config_errors(model_dir):

@@ -240,10 +240,11 @@ class TaskEvaluation:
     seconds: float
     baseline: dict[str, Any] | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    ceiling: dict[str, dict[str, float]] | None = None  # metrics of the ground truth through the image tokenizer
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable({"task": self.task, "num_examples": self.num_examples, "seconds": round(self.seconds, 2),
-                          "metrics": self.metrics, "baseline": self.baseline})
+                          "metrics": self.metrics, "baseline": self.baseline, "tokenizer_ceiling": self.ceiling})
 
 
 def to_jsonable(x: Any) -> Any:
@@ -329,24 +330,61 @@ def predict(model: "Model", task: str, samples: Sequence[dict[str, Any]], exampl
         for j, i in enumerate(rows):
             image = out.images[j].float() if out.images is not None else None
             preds[i] = t.decode(out.text_tokens[j].cpu(), image, samples[i]["meta"], proc)
-    if task == "image_inpainting":  # the known pixels stay (see the module docstring)
-        from uio.inference import paste_region
-        from uio.processing import to_float_image, to_uint8
+    _keep_known_pixels(task, preds, examples)
+    return preds  # type: ignore[return-value]
 
-        for i in range(len(preds)):
-            p = preds[i]
-            if p is not None and p.get("valid", True):
-                orig = to_uint8(to_float_image(examples[i]["image"]))
-                if p["image"].shape == orig.shape:
-                    p["image"] = paste_region(p["image"], orig, examples[i]["box"])
+
+def _keep_known_pixels(task: str, preds: list[dict[str, Any] | None], examples: Sequence[Mapping[str, Any]]) -> None:
+    """Inpainting: only the box is predicted; the known pixels stay (see the module docstring)."""
+    if task != "image_inpainting":
+        return
+    from uio.inference import paste_region
+    from uio.processing import to_float_image, to_uint8
+
+    for i in range(len(preds)):
+        p = preds[i]
+        if p is not None and p.get("valid", True):
+            orig = to_uint8(to_float_image(examples[i]["image"]))
+            if p["image"].shape == orig.shape:
+                p["image"] = paste_region(p["image"], orig, examples[i]["box"])
+
+
+@torch.no_grad()
+def tokenizer_ceiling_predictions(model: "Model", task: str, samples: Sequence[dict[str, Any]],
+                                  examples: Sequence[Mapping[str, Any]], batch_size: int = 16, seed: int = 0
+                                  ) -> list[dict[str, Any]] | None:
+    """What a perfect network would output for an image-output task: each example's ground-truth
+    target (text and image, encoded as for training) with the image round-tripped through the
+    image tokenizer (codes -> pixels), decoded like a generation. Its score is the best any model
+    can reach with this tokenizer, which tells a tokenizer limit from a network one. None for
+    tasks without image outputs or a model without an image tokenizer."""
+    from uio.data.collate import collate
+    from uio.tasks import get_task
+
+    t = get_task(task)
+    if not t.generation_config.image_output or model.image_tokenizer is None:
+        return None
+    proc = model.processor
+    preds: list[dict[str, Any] | None] = []
+    for k in range(0, len(samples), batch_size):
+        rows = range(k, min(k + batch_size, len(samples)))
+        train = [t.encode(examples[i], proc, np.random.default_rng([seed, 7, i]), train=True) for i in rows]
+        batch = collate(train)
+        codes = model.encode_image_targets(batch["image_targets"].to(model.device))
+        images = model.decode_image_codes(codes).float().cpu()
+        for j, i in enumerate(rows):
+            ids = torch.as_tensor(np.asarray(train[j]["text_targets"]), dtype=torch.long)
+            preds.append(t.decode(ids, images[j], samples[i]["meta"], proc))
+    _keep_known_pixels(task, preds, examples)
     return preds  # type: ignore[return-value]
 
 
 def evaluate_task(model: "Model", task: str, examples: Sequence[Mapping[str, Any]], batch_size: int = 16,
                   generation: Mapping[str, Any] | None = None, seed: int = 0, baseline: "Baseline | None" = None,
-                  keep_predictions: bool = False) -> TaskEvaluation:
+                  keep_predictions: bool = False, ceiling: bool = False) -> TaskEvaluation:
     """Run ``model`` on ``examples`` and score it with the task's metrics; with a fitted
-    ``baseline``, score it on the same examples and targets too."""
+    ``baseline``, score it on the same examples and targets too; with ``ceiling``, also score the
+    image tokenizer's ceiling (:func:`tokenizer_ceiling_predictions`) for image-output tasks."""
     from uio.baselines import score_predictions
     from uio.tasks import get_task
 
@@ -366,6 +404,10 @@ def evaluate_task(model: "Model", task: str, examples: Sequence[Mapping[str, Any
         result.baseline = {"name": baseline.name, "description": baseline.description,
                            "metrics": score_predictions(task, bpreds, targets),
                            "train_examples": getattr(baseline, "num_train_examples", None)}
+    if ceiling:
+        cpreds = tokenizer_ceiling_predictions(model, task, samples, examples, batch_size, seed)
+        if cpreds is not None:
+            result.ceiling = score_predictions(task, cpreds, targets)
     if keep_predictions:
         result.predictions = [{"example": ex, "meta": s["meta"], "prediction": p, "target": tg}
                               for ex, s, p, tg in zip(examples, samples, preds, targets)]
@@ -387,8 +429,9 @@ def primary_rows(results: Sequence[TaskEvaluation]) -> list[dict[str, Any]]:
                 base_v = r.baseline["metrics"].get(metric, {}).get(key, math.nan)
             margin = (model_v - base_v) if higher else (base_v - model_v)
             ratio = model_v / base_v if base_v and math.isfinite(base_v) and base_v != 0 else math.nan
+            ceil_v = r.ceiling.get(metric, {}).get(key, math.nan) if r.ceiling is not None else math.nan
             rows.append({"task": r.task, "metric": f"{metric}.{key}", "higher_is_better": higher, "model": model_v,
-                         "baseline": base_v, "margin": margin, "ratio": ratio,
+                         "baseline": base_v, "margin": margin, "ratio": ratio, "tokenizer_ceiling": ceil_v,
                          "beats_baseline": bool(math.isfinite(margin) and margin > 0),
                          "baseline_rule": None if r.baseline is None else r.baseline["name"],
                          "num_examples": r.num_examples})
@@ -403,8 +446,8 @@ def _fmt(v: float, digits: int = 3) -> str:
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The rows of :func:`primary_rows` as a markdown table."""
-    head = ("| task | metric | n | model | baseline | margin | model / baseline | baseline rule |\n"
-            "|---|---|---:|---:|---:|---:|---:|---|")
+    head = ("| task | metric | n | model | baseline | margin | model / baseline | baseline rule | tokenizer ceiling |\n"
+            "|---|---|---:|---:|---:|---:|---:|---|---:|")
     lines = [head]
     for r in rows:
         arrow = "↑" if r["higher_is_better"] else "↓"
@@ -413,7 +456,8 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
             margin = "+" + margin
         ratio = "–" if not math.isfinite(r["ratio"]) else f"{r['ratio']:.2f}×"
         lines.append(f"| {r['task']} | {r['metric']} {arrow} | {r['num_examples']} | {_fmt(r['model'])} | "
-                     f"{_fmt(r['baseline'])} | {margin} | {ratio} | {r['baseline_rule'] or '–'} |")
+                     f"{_fmt(r['baseline'])} | {margin} | {ratio} | {r['baseline_rule'] or '–'} | "
+                     f"{_fmt(r.get('tokenizer_ceiling', math.nan))} |")
     return "\n".join(lines)
 
 

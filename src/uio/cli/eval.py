@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from uio.cli import conf_dir
 
 KEYS = {"name", "task", "describe", "ckpt", "text_tokenizer", "shards", "split", "max_examples", "batch_size", "seed",
-        "device", "dtype", "generation", "baselines", "train_split", "baseline_train_examples", "save_predictions",
+        "device", "dtype", "generation", "baselines", "tokenizer_ceiling", "train_split", "baseline_train_examples", "save_predictions",
         "num_html_examples", "output_dir", "all_tasks", "toyworld", "paths"}
 GENERATION_KEYS = {"max_text_len", "method", "num_beams", "top_p", "temperature"}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -179,10 +180,13 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             except (FileNotFoundError, KeyError, ValueError) as e:
                 _say(f"{name}: no baseline ({e})")
         r = evaluate_task(model, name, examples, batch_size=cfg.batch_size, generation=generation, seed=cfg.seed,
-                          baseline=baseline, keep_predictions=bool(cfg.save_predictions))
+                          baseline=baseline, keep_predictions=bool(cfg.save_predictions),
+                          ceiling=bool(cfg.tokenizer_ceiling))
         results.append(r)
         summary = ", ".join(f"{x['metric']} {x['model']:.3f}" + (f" (baseline {x['baseline']:.3f})"
                                                                   if x["baseline_rule"] else "")
+                            + (f" (tokenizer ceiling {x['tokenizer_ceiling']:.3f})"
+                               if math.isfinite(x["tokenizer_ceiling"]) else "")
                             for x in primary_rows([r]))
         _say(f"{name}: {r.num_examples} examples in {r.seconds:.1f}s: {summary}")
         if cfg.save_predictions:
