@@ -23,7 +23,7 @@ test-all:  ## everything except GPU tests, including slow end-to-end runs
 toyworld:  ## build the embedded default dataset (toy-world shards under $$UIO_HOME/toyworld) and draw a sample grid
 	$(PY) -m uio.data.toyworld build && $(PY) -m uio.data.toyworld show --out toyworld_grid.png
 
-train-tiny:  ## train the tiny model on the toy world (builds what is missing; <= 15 min on 2 CPU cores)
+train-tiny:  ## train the tiny model on the toy world (<= 15 min on 2 CPU cores; builds what is missing first, once: ~12 min)
 	$(VENV)/bin/uio-train +experiment=tiny_multitask
 
 bench:  ## CPU benchmarks against Hugging Face T5 (a few minutes)
