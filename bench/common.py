@@ -5,17 +5,22 @@ machine's speed drifts (see README "Performance").
 """
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import os
 import statistics
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:
@@ -82,3 +87,37 @@ def fmt_table(rows: list[dict], cols: list[str]) -> str:
     sep = "|" + "|".join("-" * (widths[c] + 2) for c in cols) + "|"
     body = ["| " + " | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) + " |" for r in rows]
     return "\n".join([line, sep, *body])
+
+
+# ---- the command line every ratio benchmark shares -------------------------------------------------
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """--repeats, --device, --threads and --json."""
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: reproducible ratios on a shared machine, see README)")
+    p.add_argument("--json", default=None, help="also write the results here")
+
+
+def start(a: argparse.Namespace, peak_dtype: str) -> tuple[torch.device, float]:
+    """Set the threads, warn on a busy machine, measure the ``peak_dtype`` matmul peak now and say so:
+    (device, peak TFLOP/s)."""
+    from mfu import warn_if_busy
+
+    torch.set_num_threads(a.threads)
+    warn_if_busy(a.threads)
+    device = torch.device(a.device)
+    peak = matmul_peak_tflops(DTYPES[peak_dtype], device=a.device)
+    print(f"device {device}, {torch.get_num_threads()} threads; {peak_dtype} matmul peak {peak:.3f} TFLOP/s "
+          f"(measured now)", flush=True)
+    return device, peak
+
+
+def finish(rows: list[dict], cols: list[str], footer: str, results: list[dict], json_path: str | None) -> list[dict]:
+    """Print the table and its footer; write ``results`` to ``json_path`` if given; return them."""
+    print()
+    print(fmt_table(rows, cols))
+    print(f"\n{footer}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=1))
+    return results

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -36,13 +35,11 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import fmt_table, hf_t5_like, matmul_peak_tflops  # noqa: E402
-from mfu import warn_if_busy  # noqa: E402
+from common import DTYPES, add_run_args, finish, hf_t5_like, start  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutput  # noqa: E402
 
 from uio.modeling.generation import generate  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def make_inputs(cfg, batch: int, enc_text: int, device: torch.device, seed: int = 0) -> tuple[dict, torch.Tensor]:
@@ -134,18 +131,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weights cast to this dtype")
     p.add_argument("--text-tokens", type=int, default=64, help="new text tokens per row (text mode)")
     p.add_argument("--enc-text", type=int, default=32, help="encoder text tokens (plus 576 patches)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: reproducible ratios on a shared machine, see README)")
-    p.add_argument("--json", default=None, help="also write the results here")
+    add_run_args(p)
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    warn_if_busy(a.threads)
-    device = torch.device(a.device)
-    peak = matmul_peak_tflops(torch.bfloat16, device=a.device)
-    print(f"device {device}, {torch.get_num_threads()} threads; bf16 matmul peak {peak:.3f} TFLOP/s (measured now)",
-          flush=True)
+    device, peak = start(a, "bf16")
     results, rows, models = [], [], {}
     for size in a.sizes:
         for mode in a.modes:
@@ -162,14 +150,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "uio/HF w/ enc": f"{r['e2e_ratio']:.2f}x"})
         models.clear()
         gc.collect()
-    print()
-    print(fmt_table(rows, ["size", "output", "batch", "new tokens", "dtype", "uio tok/s", "HF tok/s", "uio/HF",
-                           "uio w/ enc", "HF w/ enc", "uio/HF w/ enc"]))
-    print(f"\nbf16 matmul peak {peak:.3f} TFLOP/s; greedy, KV cache, {a.dtype} weights; "
-          f"medians of {a.repeats} interleaved runs")
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
-    return results
+    return finish(rows, ["size", "output", "batch", "new tokens", "dtype", "uio tok/s", "HF tok/s", "uio/HF",
+                         "uio w/ enc", "HF w/ enc", "uio/HF w/ enc"],
+                  f"bf16 matmul peak {peak:.3f} TFLOP/s; greedy, KV cache, {a.dtype} weights; "
+                  f"medians of {a.repeats} interleaved runs", results, a.json)
 
 
 if __name__ == "__main__":

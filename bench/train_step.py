@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import statistics
 import sys
@@ -40,10 +39,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import autocast, fmt_table, hf_t5_like, matmul_peak_tflops  # noqa: E402
-from mfu import train_flops, warn_if_busy  # noqa: E402
+from common import DTYPES, add_run_args, autocast, finish, hf_t5_like, start  # noqa: E402
+from mfu import train_flops  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # ---- memory -------------------------------------------------------------------------------------
@@ -206,20 +204,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--layout", choices=["original", "t5"], default="original")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="bf16 = autocast, fp32 = plain")
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile uio's transformer blocks (slow to compile)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: reproducible ratios on a shared machine, see README)")
-    p.add_argument("--json", default=None, help="also write the results here")
+    add_run_args(p)
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    warn_if_busy(a.threads)
-    device = torch.device(a.device)
-    peak = matmul_peak_tflops(DTYPES[a.dtype], device=a.device)
-    print(f"device {device}, {torch.get_num_threads()} threads; {a.dtype} matmul peak {peak:.3f} TFLOP/s "
-          f"(measured now)", flush=True)
+    device, peak = start(a, a.dtype)
     rows, results = [], []
     for size in a.sizes:
         r = run(size, a.layout, a.batch, a.dtype, a.repeats, a.warmup, device, a.compile)
@@ -232,14 +221,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "step mem MiB": f"{r[k + '_mem_mib']:.0f}",
                          "uio/HF": f"{r['ratio']:.2f}x" if k == "uio" else ""})
         print(f"{size}: uio {r['uio_s']:.3f} s/step, HF {r['hf_s']:.3f} s/step -> {r['ratio']:.2f}x", flush=True)
-    print()
-    print(fmt_table(rows, ["size", "model", "batch", "enc+dec", "dtype", "s/step", "tokens/s", "MFU", "step mem MiB",
-                           "uio/HF"]))
-    print(f"\nmatmul peak {peak:.3f} TFLOP/s ({a.dtype}); HF attention: {results[0]['hf_attn']}; "
-          f"medians of {a.repeats} interleaved steps")
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
-    return results
+    return finish(rows, ["size", "model", "batch", "enc+dec", "dtype", "s/step", "tokens/s", "MFU", "step mem MiB",
+                         "uio/HF"],
+                  f"matmul peak {peak:.3f} TFLOP/s ({a.dtype}); HF attention: {results[0]['hf_attn']}; "
+                  f"medians of {a.repeats} interleaved steps", results, a.json)
 
 
 if __name__ == "__main__":

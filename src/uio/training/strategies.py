@@ -77,8 +77,8 @@ def apply_activation_checkpointing(module: nn.Module) -> int:
     if not blocks:
         raise ValueError("activation checkpointing found no transformer blocks to wrap")
     ids = {id(b) for b in blocks}
-    _apply(module, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-           check_fn=lambda m: id(m) in ids)
+    wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    _apply(module, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: id(m) in ids)
     return len(blocks)
 
 
