@@ -18,8 +18,8 @@ from PIL import Image
 
 from uio.baselines import (BASELINES, ConstantMask, LocalizationPrior, MajorityText, MeanBox, MeanDepth, MeanNormals,
                            MeanPose, build_baseline, fit_baseline, score_predictions)
-from uio.evaluation import (PRIMARY, TaskEvaluation, evaluate_task, format_grit, format_table, grit_table, load_examples,
-                            load_model, primary_rows, resolve_data, to_jsonable)
+from uio.evaluation import (PRIMARY, TaskEvaluation, evaluate_task, format_grit, format_table, grit_table, image_use,
+                            load_examples, load_model, primary_rows, resolve_data, to_jsonable)
 
 from test_inference import tiny_model
 
@@ -162,6 +162,28 @@ def test_tokenizer_ceiling_is_the_ground_truth_through_the_image_tokenizer(world
     lossless = evaluate_task(model, "depth", exs, ceiling=True).ceiling["depth"]
     assert lossless["abs_rel"] < 0.05 and lossless["delta1"] > 0.95  # what is left: edges blurred by resizing
     assert lossless["rmse"] < 0.2 * r.ceiling["depth"]["rmse"]  # the random test VQ-GAN loses most of it
+
+
+def test_image_use_is_the_loss_gained_from_the_own_image(world, model, monkeypatch):
+    exs = load_examples(world, "depth", "val") + load_examples(world, "depth", "train")
+    r = evaluate_task(model, "depth", exs, measure_image_use=True, baseline=None)
+    use = r.image_use
+    assert use is not None and set(use) == {"nll", "nll_other_image", "gain"}
+    assert use["gain"] == pytest.approx(use["nll_other_image"] - use["nll"]) and use["gain"] != 0.0
+    assert r.to_dict()["image_use"] == use and primary_rows([r])[0]["image_use"] == use["gain"]
+    assert "| image use |" in format_table(primary_rows([r]))
+    # a token-weighted mean over all targets: the batching does not change it
+    assert image_use(model, "depth", exs, batch_size=3) == pytest.approx(use, abs=1e-4)
+    # tasks without an input image, or a single example (nothing to swap with), have none
+    assert image_use(model, "text_classification", load_examples(world, "text_classification", "val")) is None
+    assert image_use(model, "depth", exs[:1]) is None
+    assert evaluate_task(model, "vqa", load_examples(world, "vqa", "val")).image_use is None  # not asked for
+    # a network blind to the pixels gains nothing from them
+    with torch.no_grad():
+        w = model.network.encoder.image_projection.weight
+        monkeypatch.setattr(model.network.encoder.image_projection, "weight", torch.nn.Parameter(torch.zeros_like(w)))
+    blind = image_use(model, "depth", exs)
+    assert abs(blind["gain"]) < 1e-5 and blind["nll"] != pytest.approx(use["nll"])
 
 
 def test_question_answering_reads_every_window(world, model, monkeypatch):

@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "PRIMARY", "GRIT_ORDER", "TaskEvaluation", "load_model", "resolve_data", "load_examples", "evaluate_task",
-    "primary_rows", "format_table", "grit_table", "format_grit", "save_predictions", "tasks_table", "to_jsonable",
+    "image_use", "primary_rows", "format_table", "grit_table", "format_grit", "save_predictions", "tasks_table",
+    "to_jsonable",
 ]
 
 # The number(s) each task is judged by: (metric, key, higher is better).
@@ -241,10 +242,12 @@ class TaskEvaluation:
     baseline: dict[str, Any] | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list, repr=False)
     ceiling: dict[str, dict[str, float]] | None = None  # metrics of the ground truth through the image tokenizer
+    image_use: dict[str, float] | None = None  # see image_use()
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable({"task": self.task, "num_examples": self.num_examples, "seconds": round(self.seconds, 2),
-                          "metrics": self.metrics, "baseline": self.baseline, "tokenizer_ceiling": self.ceiling})
+                          "metrics": self.metrics, "baseline": self.baseline, "tokenizer_ceiling": self.ceiling,
+                          "image_use": self.image_use})
 
 
 def to_jsonable(x: Any) -> Any:
@@ -379,12 +382,64 @@ def tokenizer_ceiling_predictions(model: "Model", task: str, samples: Sequence[d
     return preds  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def image_use(model: "Model", task: str, examples: Sequence[Mapping[str, Any]], batch_size: int = 16,
+              seed: int = 0) -> dict[str, float] | None:
+    """How much the model reads the input image for ``task``: the teacher-forced loss of the
+    ground-truth targets (nats per target token, encoded as for training) with each example's own
+    image, ``nll``, and with the next example's image in its place, ``nll_other_image``; ``gain``
+    is their difference. A gain near 0 means the outputs do not depend on the image: the model
+    answers from the prompt and the label prior alone (what a trivial baseline does), so only
+    learning to look can move it past the baseline. None for tasks without an input image or with
+    fewer than two examples."""
+    from uio.data.collate import collate
+    from uio.tasks import get_task
+
+    t = get_task(task)
+    proc = model.processor
+    if len(examples) < 2:
+        return None
+    samples = [t.encode(ex, proc, np.random.default_rng([seed, 7, i]), train=True) for i, ex in enumerate(examples)]
+    if not any(np.asarray(s["image_input_mask"]).any() for s in samples):
+        return None
+    n = len(samples)
+    swapped = [dict(s, image_input=samples[(i + 1) % n]["image_input"],
+                    image_input_mask=samples[(i + 1) % n]["image_input_mask"]) for i, s in enumerate(samples)]
+    totals = {"nll": 0.0, "nll_other_image": 0.0}
+    tokens = 0
+    with model._eval():
+        for k in range(0, n, batch_size):
+            for key, rows in (("nll", samples[k : k + batch_size]), ("nll_other_image", swapped[k : k + batch_size])):
+                batch = collate([dict(r, meta={}) for r in rows], proc.max_input_len, proc.max_target_len)
+                batch = {name: v.to(model.device) if isinstance(v, torch.Tensor) else v for name, v in batch.items()}
+                masks = batch.get("image_target_masks")
+                if masks is not None and model.image_tokenizer is not None:
+                    codes = torch.zeros(masks.shape, dtype=torch.long, device=masks.device)
+                    has = masks.any(dim=1).nonzero().flatten()
+                    if has.numel():
+                        codes[has] = model.encode_image_targets(batch["image_targets"][has])
+                    batch["image_target_codes"] = codes
+                batch.pop("image_targets", None)
+                out = model(batch)
+                count = int(out.num_text_tokens + out.num_image_tokens)
+                totals[key] += float(out.loss) * count
+                if key == "nll":
+                    tokens += count
+    if tokens == 0:
+        return None
+    res = {k: v / tokens for k, v in totals.items()}
+    res["gain"] = res["nll_other_image"] - res["nll"]
+    return res
+
+
 def evaluate_task(model: "Model", task: str, examples: Sequence[Mapping[str, Any]], batch_size: int = 16,
                   generation: Mapping[str, Any] | None = None, seed: int = 0, baseline: "Baseline | None" = None,
-                  keep_predictions: bool = False, ceiling: bool = False) -> TaskEvaluation:
+                  keep_predictions: bool = False, ceiling: bool = False, measure_image_use: bool = False
+                  ) -> TaskEvaluation:
     """Run ``model`` on ``examples`` and score it with the task's metrics; with a fitted
     ``baseline``, score it on the same examples and targets too; with ``ceiling``, also score the
-    image tokenizer's ceiling (:func:`tokenizer_ceiling_predictions`) for image-output tasks."""
+    image tokenizer's ceiling (:func:`tokenizer_ceiling_predictions`) for image-output tasks; with
+    ``measure_image_use``, also measure how much the model reads the image (:func:`image_use`)."""
     from uio.baselines import score_predictions
     from uio.tasks import get_task
 
@@ -408,6 +463,8 @@ def evaluate_task(model: "Model", task: str, examples: Sequence[Mapping[str, Any
         cpreds = tokenizer_ceiling_predictions(model, task, samples, examples, batch_size, seed)
         if cpreds is not None:
             result.ceiling = score_predictions(task, cpreds, targets)
+    if measure_image_use:
+        result.image_use = image_use(model, task, examples, batch_size, seed)
     if keep_predictions:
         result.predictions = [{"example": ex, "meta": s["meta"], "prediction": p, "target": tg}
                               for ex, s, p, tg in zip(examples, samples, preds, targets)]
@@ -430,8 +487,10 @@ def primary_rows(results: Sequence[TaskEvaluation]) -> list[dict[str, Any]]:
             margin = (model_v - base_v) if higher else (base_v - model_v)
             ratio = model_v / base_v if base_v and math.isfinite(base_v) and base_v != 0 else math.nan
             ceil_v = r.ceiling.get(metric, {}).get(key, math.nan) if r.ceiling is not None else math.nan
+            use_v = r.image_use["gain"] if r.image_use is not None else math.nan
             rows.append({"task": r.task, "metric": f"{metric}.{key}", "higher_is_better": higher, "model": model_v,
                          "baseline": base_v, "margin": margin, "ratio": ratio, "tokenizer_ceiling": ceil_v,
+                         "image_use": use_v,
                          "beats_baseline": bool(math.isfinite(margin) and margin > 0),
                          "baseline_rule": None if r.baseline is None else r.baseline["name"],
                          "num_examples": r.num_examples})
@@ -445,9 +504,9 @@ def _fmt(v: float, digits: int = 3) -> str:
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The rows of :func:`primary_rows` as a markdown table."""
-    head = ("| task | metric | n | model | baseline | margin | model / baseline | baseline rule | tokenizer ceiling |\n"
-            "|---|---|---:|---:|---:|---:|---:|---|---:|")
+    """The rows of :func:`primary_rows` as a markdown table ("image use": :func:`image_use`'s gain)."""
+    head = ("| task | metric | n | model | baseline | margin | model / baseline | baseline rule | tokenizer ceiling "
+            "| image use |\n|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
     lines = [head]
     for r in rows:
         arrow = "↑" if r["higher_is_better"] else "↓"
@@ -457,7 +516,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         ratio = "–" if not math.isfinite(r["ratio"]) else f"{r['ratio']:.2f}×"
         lines.append(f"| {r['task']} | {r['metric']} {arrow} | {r['num_examples']} | {_fmt(r['model'])} | "
                      f"{_fmt(r['baseline'])} | {margin} | {ratio} | {r['baseline_rule'] or '–'} | "
-                     f"{_fmt(r.get('tokenizer_ceiling', math.nan))} |")
+                     f"{_fmt(r.get('tokenizer_ceiling', math.nan))} | {_fmt(r.get('image_use', math.nan))} |")
     return "\n".join(lines)
 
 

@@ -28,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from uio.cli import conf_dir
 
 KEYS = {"name", "task", "describe", "ckpt", "text_tokenizer", "shards", "split", "max_examples", "batch_size", "seed",
-        "device", "dtype", "generation", "baselines", "tokenizer_ceiling", "train_split", "baseline_train_examples",
-        "save_predictions", "num_html_examples", "output_dir", "all_tasks", "toyworld", "paths"}
+        "device", "dtype", "generation", "baselines", "tokenizer_ceiling", "image_use", "train_split",
+        "baseline_train_examples", "save_predictions", "num_html_examples", "output_dir", "all_tasks", "toyworld", "paths"}
 GENERATION_KEYS = {"max_text_len", "method", "num_beams", "top_p", "temperature"}
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -181,12 +181,13 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
                 _say(f"{name}: no baseline ({e})")
         r = evaluate_task(model, name, examples, batch_size=cfg.batch_size, generation=generation, seed=cfg.seed,
                           baseline=baseline, keep_predictions=bool(cfg.save_predictions),
-                          ceiling=bool(cfg.tokenizer_ceiling))
+                          ceiling=bool(cfg.tokenizer_ceiling), measure_image_use=bool(cfg.image_use))
         results.append(r)
         summary = ", ".join(f"{x['metric']} {x['model']:.3f}" + (f" (baseline {x['baseline']:.3f})"
                                                                   if x["baseline_rule"] else "")
                             + (f" (tokenizer ceiling {x['tokenizer_ceiling']:.3f})"
                                if math.isfinite(x["tokenizer_ceiling"]) else "")
+                            + (f" (image use {x['image_use']:.3f} nats/token)" if math.isfinite(x["image_use"]) else "")
                             for x in primary_rows([r]))
         _say(f"{name}: {r.num_examples} examples in {r.seconds:.1f}s: {summary}")
         if cfg.save_predictions:
