@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from uio.baselines import (BASELINES, ConstantMask, LocalizationPrior, MajorityText, MeanBox, MeanDepth, MeanNormals,
-                           MeanPose, build_baseline, fit_baseline, score_predictions)
+                           MeanPose, QuestionTypePrior, build_baseline, fit_baseline, score_predictions)
 from uio.evaluation import (PRIMARY, TaskEvaluation, evaluate_task, format_grit, format_table, grit_table, image_use,
                             load_examples, load_model, primary_rows, resolve_data, to_jsonable)
 
@@ -164,7 +164,7 @@ def test_tokenizer_ceiling_is_the_ground_truth_through_the_image_tokenizer(world
     assert lossless["rmse"] < 0.2 * r.ceiling["depth"]["rmse"]  # the random test VQ-GAN loses most of it
 
 
-def test_image_use_is_the_loss_gained_from_the_own_image(world, model, monkeypatch):
+def test_image_use_is_the_loss_gained_from_the_own_image(world, model):
     exs = load_examples(world, "depth", "val") + load_examples(world, "depth", "train")
     r = evaluate_task(model, "depth", exs, measure_image_use=True, baseline=None)
     use = r.image_use
@@ -179,10 +179,15 @@ def test_image_use_is_the_loss_gained_from_the_own_image(world, model, monkeypat
     assert image_use(model, "depth", exs[:1]) is None
     assert evaluate_task(model, "vqa", load_examples(world, "vqa", "val")).image_use is None  # not asked for
     # a network blind to the pixels gains nothing from them
-    with torch.no_grad():
-        w = model.network.encoder.image_projection.weight
-        monkeypatch.setattr(model.network.encoder.image_projection, "weight", torch.nn.Parameter(torch.zeros_like(w)))
-    blind = image_use(model, "depth", exs)
+    w = model.network.encoder.image_projection.weight
+    kept = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.zero_()
+        blind = image_use(model, "depth", exs)
+    finally:
+        with torch.no_grad():
+            w.copy_(kept)
     assert abs(blind["gain"]) < 1e-5 and blind["nll"] != pytest.approx(use["nll"])
 
 
@@ -360,6 +365,23 @@ def test_majority_and_box_baselines_by_hand():
     pose = MeanPose("keypoints").fit([{"box": [0, 20, 20, 40], "keypoints": kps}])
     out = pose.predict({"box": [100, 100, 140, 120]})["keypoints"]
     np.testing.assert_allclose(out[1:, :2], np.tile([120, 110], (16, 1)))
+
+
+def test_question_type_prior_answers_from_the_question_alone():
+    qs = [("Is there a red cube?", "yes"), ("Is there a blue cone?", "no"), ("Is there a cyan sphere ?", "no"),
+          ("What color is the cube?", "red"), ("What color is the cone?", "red"), ("What color is the ball?", "blue"),
+          ("How many cubes are there?", "2")]
+    train = [{"question": q, "answers": [a] * 3} for q, a in qs]
+    prior = QuestionTypePrior("vqa", max_words=3, min_count=2).fit(train)
+    assert prior.predict({"question": "Is there a pink pyramid?"}) == {"answer": "no"}  # "is there a": 1 yes, 2 no
+    assert prior.predict({"question": "WHAT colour is it"}) == {"answer": "red"}  # only "what" is a known type
+    assert prior.predict({"question": "How many cones are there?"}) == {"answer": "no"}  # unknown: overall majority
+    # VQA v2 annotations name the type; it takes precedence over the opening words
+    typed = [{"question": f"q{i}", "question_type": "how many", "answers": ["3"]} for i in range(2)]
+    prior = QuestionTypePrior("vqa", min_count=2).fit(train + typed)
+    assert prior.predict({"question": "Is there a dog?", "question_type": "how many"}) == {"answer": "3"}
+    gvqa = build_baseline("grounded_vqa")
+    assert gvqa.name == "majority answer per question type + best constant mask"
 
 
 def test_dense_baselines_by_hand():

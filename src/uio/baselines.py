@@ -8,10 +8,11 @@ baseline is the strongest trivial one without ever seeing the evaluation data.
 
 | task(s)                                   | baseline                                                        |
 |-------------------------------------------|-----------------------------------------------------------------|
-| vqa, question_answering                   | the majority answer                                             |
+| vqa                                       | the majority answer of the question's type ("per Q-type prior") |
+| question_answering                        | the majority answer                                             |
 | relationship                              | the majority predicate                                          |
 | image/region/text classification          | the majority label                                              |
-| grounded_vqa                              | the majority answer + the best constant mask                    |
+| grounded_vqa                              | the question type's majority answer + the best constant mask    |
 | image_captioning, region_captioning       | the single train caption with the best CIDEr-D on train         |
 | summarization                             | the input's first sentence or the best constant summary         |
 | detection                                 | every class's mean box, scored by how often the class appears   |
@@ -29,6 +30,7 @@ back to each example's size.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -151,6 +153,49 @@ class MajorityText(Baseline):
 
     def _predict(self, example, meta):
         return {k: self.answer for k in self.keys}
+
+
+def _question_words(question: str) -> list[str]:
+    return re.sub(r"[^\w\s']", " ", question.lower()).split()
+
+
+class QuestionTypePrior(Baseline):
+    """The most frequent training answer among questions of the same type: the "per Q-type prior"
+    of the VQA paper (Antol et al., 2015), which answers from the question alone. A question's type
+    is its ``question_type`` field where the data has one (VQA v2's annotations do), else its
+    longest opening of at most ``max_words`` words that begins at least ``min_count`` training
+    questions; questions of no known type get the overall majority answer."""
+
+    def __init__(self, task: str, max_words: int = 4, min_count: int = 5):
+        super().__init__(task)
+        self.max_words, self.min_count = max_words, min_count
+        self.name = "majority answer per question type"
+        self.answers: dict[str, str] = {}
+        self.overall = ""
+
+    def _types(self, example: Mapping[str, Any]) -> list[str]:
+        """The example's candidate types, most specific first."""
+        words = _question_words(str(example.get("question", "")))
+        keys = [" ".join(words[:k]) for k in range(min(self.max_words, len(words)), 0, -1)]
+        qt = example.get("question_type")
+        return ([f"type:{qt}"] if isinstance(qt, str) and qt else []) + keys
+
+    def _fit(self, examples):
+        by_type: dict[str, list[str]] = defaultdict(list)
+        answers = []
+        for ex in examples:
+            a = _example_answer(ex)
+            answers.append(a)
+            for t in self._types(ex):
+                by_type[t].append(a)
+        self.overall = _majority(answers)
+        self.answers = {t: _majority(v) for t, v in by_type.items() if len(v) >= self.min_count}
+        self.description = (f"the majority answer of {len(self.answers)} question types seen >= {self.min_count} "
+                            f"times, else {self.overall!r}")
+
+    def _predict(self, example, meta):
+        answer = next((self.answers[t] for t in self._types(example) if t in self.answers), self.overall)
+        return {"answer": answer}
 
 
 class ConstantText(Baseline):
@@ -317,11 +362,11 @@ class ConstantMask(Baseline):
     name = "best constant mask"
 
     def __init__(self, task: str, masks: Callable[[Mapping[str, Any]], list[Any]], allow_empty: bool,
-                 answer: MajorityText | None = None):
+                 answer: Baseline | None = None):
         super().__init__(task)
         self.masks, self.allow_empty, self.answer = masks, allow_empty, answer
         if answer is not None:
-            self.name = "majority answer + best constant mask"
+            self.name = f"{answer.name} + best constant mask"
 
     def _fit(self, examples):
         unions = [_grid(_mask_union(self.masks(ex), _hw(ex)).astype(np.float32), "nearest") > 0.5 for ex in examples]
@@ -435,7 +480,7 @@ def _mask_list(ex: Mapping[str, Any]) -> list[Any]:
 
 
 BASELINES: dict[str, Callable[[], Baseline]] = {
-    "vqa": lambda: MajorityText("vqa", _example_answer, ["answer"], "answer"),
+    "vqa": lambda: QuestionTypePrior("vqa"),
     "question_answering": lambda: MajorityText("question_answering", lambda ex: ex["answers"][0], ["answer"],
                                                "answer"),
     "relationship": lambda: MajorityText("relationship", lambda ex: ex["predicate"], ["predicate", "label"],
@@ -445,7 +490,7 @@ BASELINES: dict[str, Callable[[], Baseline]] = {
                                                   "label"),
     "text_classification": lambda: MajorityText("text_classification", lambda ex: ex["label"], ["label"], "label"),
     "grounded_vqa": lambda: ConstantMask("grounded_vqa", lambda ex: [ex["mask"]], allow_empty=False,
-                                         answer=MajorityText("grounded_vqa", _example_answer, ["answer"], "answer")),
+                                         answer=QuestionTypePrior("grounded_vqa")),
     "image_captioning": lambda: ConstantText("image_captioning", lambda ex: list(ex["captions"]), "text", "captions",
                                              ("captioning", "cider")),
     "region_captioning": lambda: ConstantText("region_captioning", lambda ex: [ex["caption"]], "text", "captions",
