@@ -52,6 +52,45 @@ def test_cached_equals_uncached(model, method, kw):
     torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=1e-5)
 
 
+def test_cross_position_bias_is_dead_as_released_and_exact_when_applied():
+    """As released, cross_position_{q,k}_linear change nothing; with ``cross_position_bias`` they
+    change the outputs, and every decoding path (cache, beams, grouped answer scoring) still agrees
+    with teacher forcing."""
+    batch = make_batch(make_model())
+    targets = torch.tensor([[5, 6, 1, 0], [7, 1, 0, 0], [8, 9, 10, 1]])
+
+    def logits(m):
+        with torch.no_grad():
+            return m({**batch, "text_targets": targets, "image_target_codes": torch.zeros(3, 16, dtype=torch.long)},
+                     return_logits=True).logits
+
+    for applied in (False, True):
+        m = make_model(cross_position_bias=applied)
+        before = logits(m)
+        with torch.no_grad():
+            m.network.decoder.cross_position_q_linear.weight.mul_(-3.0)
+        assert torch.equal(logits(m), before) is not applied
+    m = make_model(cross_position_bias=True)
+    outs = [m.generate(batch, max_text_len=6, image_output=True, method="beam", num_beams=2, use_cache=c)
+            for c in (True, False)]
+    assert torch.equal(outs[0].text_tokens, outs[1].text_tokens)
+    assert torch.equal(outs[0].image_codes, outs[1].image_codes)
+    gen = m.generate(batch, max_text_len=6, image_output=True)
+    with torch.no_grad():
+        out = m({**batch, "text_targets": torch.nn.functional.pad(gen.text_tokens, (0, 6 - gen.text_tokens.shape[1])),
+                 "image_target_codes": gen.image_codes}, return_logits=True)
+    assert torch.equal(out.logits[:, 6:].argmax(-1) - m.vocab.image_offset, gen.image_codes)
+    opts = [[5, 6, 7], [8], [9, 10, 1]]
+    from uio.modeling.generation import score_options
+
+    shared = m.score_options(batch, opts)  # three options share each encoder row (grouped queries)
+    with torch.no_grad():
+        chunked = score_options(m.network, m.encode(batch), opts, max_rows=3, max_logit_elems=5000)
+    torch.testing.assert_close(chunked, shared, atol=1e-5, rtol=1e-5)
+    for j, o in enumerate(opts):  # one option per row: no grouping
+        torch.testing.assert_close(m.score_options(batch, [[o]] * 3).squeeze(1), shared[:, j], atol=1e-4, rtol=1e-5)
+
+
 def test_greedy_agrees_with_teacher_forced_forward(model):
     """Every greedy token is the argmax of the training-path logits on the generated prefix."""
     batch = make_batch(model)

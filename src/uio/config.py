@@ -51,6 +51,10 @@ class ModelConfig:
     img_rel_max_distance: int = 20
     layer_norm_eps: float = 1e-6
     dropout: float = 0.0
+    # add the decoder's cross-attention absolute position bias (decoder slot x encoder token, through
+    # cross_position_{q,k}_linear), which the original computes but never applies: False reproduces
+    # the released network; True is for models trained here (see uio.modeling.network)
+    cross_position_bias: bool = False
     # image tokenizer spec (see uio.image_tokenizer.build_image_tokenizer); None = codes only
     image_tokenizer: dict[str, Any] | None = field(default=None)
 

@@ -337,13 +337,15 @@ class Attention(nn.Module):
 
         ``G`` rows of ``x`` (beams, answer options) share one encoder row: their queries are
         stacked along the query axis, so the encoder keys are neither copied nor re-projected.
-        ``bias``: (B, 1|H, 1|Lq*G, Lk).
+        ``bias``: (B|1, 1|H, 1|Lq|Lq*G, Lk); a per-query bias of Lq rows is shared by the G rows.
         """
         b = k.shape[0]
         bg, lq, _ = x.shape
         if bg % b:
             raise ValueError(f"cross-attention: {bg} query rows do not group over {b} encoder rows")
         g = bg // b
+        if bias is not None and g > 1 and lq > 1 and bias.shape[-2] == lq:
+            bias = bias.repeat(1, 1, g, 1)
         q = self._heads(self.query(x))  # (B*G, H, Lq, Dh)
         if g > 1:
             q = q.view(b, g, self.num_heads, lq, self.head_dim).transpose(1, 2).reshape(

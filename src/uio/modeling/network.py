@@ -12,7 +12,11 @@ its weights load by renaming alone:
 - attention logits get: the -1e10 masks, the relative biases (:mod:`uio.modeling.position`) and the
   absolute-position bias; the decoder's cross-attention gets only the padding mask (the original's
   ``cross_position_{q,k}_linear`` are computed but never applied -- kept here as dead parameters so
-  the checkpoint loads);
+  the checkpoint loads). That is a bug of the original (the bias is built, then dropped because its
+  cross-attention passes ``bias=None``); ``ModelConfig.cross_position_bias=True`` applies it -- the
+  decoder's normalised position embeddings against the encoder's, as in self-attention -- which
+  gives every decoder image slot a learnable, content-free route to the encoder's patches. The
+  released weights were trained without it, so it stays off for them;
 - logits through the tied token table, divided by sqrt(d_model); text slots may only emit text
   ids (< ``text_vocab_size``), image slots only image ids (:meth:`UnifiedIONetwork.logits`).
 
@@ -138,12 +142,14 @@ class DecoderLayer(nn.Module):
 @dataclass
 class EncoderOutput:
     """``hidden`` (B, Lt+Li, d); ``mask`` (B, Lt+Li) bool (True = a real token/visible patch);
-    ``image_ids`` (1|B, Li) the patch ids that were kept (None: all, in order)."""
+    ``image_ids`` (1|B, Li) the patch ids that were kept (None: all, in order); ``pos`` (1|B, Lt+Li, d)
+    the normalised position embeddings of the tokens (for the cross-attention position bias)."""
 
     hidden: torch.Tensor
     mask: torch.Tensor
     text_len: int
     image_ids: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
 
 
 class Encoder(nn.Module):
@@ -207,7 +213,7 @@ class Encoder(nn.Module):
         for layer in self.layers:
             x = layer(x, bias)
         x = _dropout(self.encoder_norm(x), cfg.dropout, self.training)
-        return EncoderOutput(x, mask, nt, image_ids)
+        return EncoderOutput(x, mask, nt, image_ids, pe)
 
 
 @dataclass
@@ -217,7 +223,7 @@ class DecoderState:
     cache: KVCache
     cross_k: list[torch.Tensor]  # per layer (B, H, Le, Dh), shared by the G rows of a group
     cross_v: list[torch.Tensor]
-    cross_bias: torch.Tensor  # (B, 1, 1, Le)
+    cross_bias: torch.Tensor  # (B, 1, 1, Le), or (B|1, H, L, Le) with the cross-attention position bias
     layout_bias: torch.Tensor  # (1, H, L, L) relative + absolute position bias of the slot layout
     positions: torch.Tensor  # (L,) position ids of the slots
     segments: torch.Tensor  # (L,) segment ids of the slots
@@ -281,6 +287,19 @@ class Decoder(nn.Module):
         y = self.pre_ln(y + self.segments_embedding(segments))
         return _dropout(y, self.config.dropout, self.training)
 
+    def cross_bias(self, enc: EncoderOutput, positions: torch.Tensor) -> torch.Tensor:
+        """Cross-attention logit bias for decoder slots at ``positions`` (L,): the padding mask
+        (B, 1, 1, Le), plus with ``cross_position_bias`` the absolute position bias (B|1, H, L, Le)."""
+        bias = mask_to_bias(enc.mask)[:, None, None, :]
+        cfg = self.config
+        if not cfg.cross_position_bias:
+            return bias
+        if enc.pos is None:
+            raise ValueError("cross_position_bias needs the encoder's position embeddings (EncoderOutput.pos)")
+        pe = self.pe_pre_ln(self.position_embedding(positions)[None])  # (1, L, d)
+        return bias + absolute_position_bias(pe, self.cross_position_q_linear, self.cross_position_k_linear,
+                                             cfg.num_heads, cfg.d_model, kv_pos_emb=enc.pos.to(pe.dtype))
+
     # ---- teacher forcing ----------------------------------------------------------------------
     def forward(self, token_embedder: nn.Embedding, input_ids: torch.Tensor, text_len: int,
                 key_valid: torch.Tensor, enc: EncoderOutput, input_emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -296,7 +315,7 @@ class Decoder(nn.Module):
         causal = torch.ones(length, length, dtype=torch.bool, device=device).tril_()
         self_bias = mask_to_bias(causal[None] & key_valid[:, None, :])[:, None]  # (B*G, 1, L, L)
         self_bias = self_bias + self.layout_bias(text_len, length - text_len)  # (B*G, H, L, L)
-        cross_bias = mask_to_bias(enc.mask)[:, None, None, :]  # (B, 1, 1, Le)
+        cross_bias = self.cross_bias(enc, positions)  # (B, 1, 1, Le) or (B|1, H, L, Le)
         for layer in self.layers:
             y = layer(y, self_bias, enc.hidden, cross_bias)
         return _dropout(self.decoder_norm(y), self.config.dropout, self.training)
@@ -321,7 +340,7 @@ class Decoder(nn.Module):
         positions, segments = self.layout(text_len, image_len, device)
         return DecoderState(
             cache=cache, cross_k=[k for k, _ in cross], cross_v=[v for _, v in cross],
-            cross_bias=mask_to_bias(enc.mask)[:, None, None, :], layout_bias=self.layout_bias(text_len, image_len),
+            cross_bias=self.cross_bias(enc, positions), layout_bias=self.layout_bias(text_len, image_len),
             positions=positions, segments=segments,
             key_valid=torch.zeros(rows, length, dtype=torch.bool, device=device), text_len=text_len, length=length)
 
@@ -346,9 +365,12 @@ class Decoder(nn.Module):
             q_pos = torch.arange(start, end, device=ids.device)[:, None]
             allowed = allowed & (torch.arange(end, device=ids.device)[None, :] <= q_pos)  # (B*G, 1, n, end)
         bias = mask_to_bias(allowed) + state.layout_bias[:, :, start:end, :end]
+        cross_bias = state.cross_bias
+        if cross_bias.shape[2] > 1:  # per-slot position bias: these slots' rows
+            cross_bias = cross_bias[:, :, start:end]
         for i, layer in enumerate(self.layers):
             y = layer.forward_cached(y, state.cache.keys[i], state.cache.values[i], start, bias,
-                                     state.cross_k[i], state.cross_v[i], state.cross_bias)
+                                     state.cross_k[i], state.cross_v[i], cross_bias)
         return self.decoder_norm(y)
 
 
