@@ -358,7 +358,7 @@ def test_image_targets_are_tokenized_for_their_rows_only():
     tok = module.model.image_tokenizer
     real = tok.encode
     tok.encode = lambda x: calls.append(x.shape[0]) or real(x)
-    b2 = module._tokenize_targets(batch)
+    b2 = module.model.tokenize_image_targets(batch)
     assert calls == [1] and "image_targets" not in b2
     assert torch.equal(b2["image_target_codes"][1], real(batch["image_targets"][1:2])[0])
     assert not b2["image_target_codes"][[0, 2]].any()

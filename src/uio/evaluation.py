@@ -280,13 +280,14 @@ def _generation_kwargs(task, model: "Model", overrides: Mapping[str, Any] | None
     return kw
 
 
-def encode_examples(task: str, examples: Sequence[Mapping[str, Any]], processor: "Processor", seed: int = 0
-                    ) -> list[dict[str, Any]]:
-    """Evaluation-mode encoding (``train=False``; ground truth kept in ``meta["gt"]``)."""
+def encode_examples(task: str, examples: Sequence[Mapping[str, Any]], processor: "Processor", seed: int = 0,
+                    train: bool = False) -> list[dict[str, Any]]:
+    """Evaluation-mode encoding (``train=False``: ground truth kept in ``meta["gt"]``), or with
+    ``train=True`` the training targets (image targets as pixels), with the same per-example seeds."""
     from uio.tasks import get_task
 
     t = get_task(task)
-    return [t.encode(ex, processor, np.random.default_rng([seed, 7, i]), train=False) for i, ex in enumerate(examples)]
+    return [t.encode(ex, processor, np.random.default_rng([seed, 7, i]), train=train) for i, ex in enumerate(examples)]
 
 
 @torch.no_grad()
@@ -368,16 +369,16 @@ def tokenizer_ceiling_predictions(model: "Model", task: str, samples: Sequence[d
     if not t.generation_config.image_output or model.image_tokenizer is None:
         return None
     proc = model.processor
+    train = encode_examples(task, examples, proc, seed, train=True)
     preds: list[dict[str, Any] | None] = []
     for k in range(0, len(samples), batch_size):
         rows = range(k, min(k + batch_size, len(samples)))
-        train = [t.encode(examples[i], proc, np.random.default_rng([seed, 7, i]), train=True) for i in rows]
-        batch = collate(train)
+        batch = collate([train[i] for i in rows])
         codes = model.encode_image_targets(batch["image_targets"].to(model.device))
         images = model.decode_image_codes(codes).float().cpu()
-        for j, i in enumerate(rows):
-            ids = torch.as_tensor(np.asarray(train[j]["text_targets"]), dtype=torch.long)
-            preds.append(t.decode(ids, images[j], samples[i]["meta"], proc))
+        for i in rows:
+            ids = torch.as_tensor(np.asarray(train[i]["text_targets"]), dtype=torch.long)
+            preds.append(t.decode(ids, images[i - k], samples[i]["meta"], proc))
     _keep_known_pixels(task, preds, examples)
     return preds  # type: ignore[return-value]
 
@@ -393,13 +394,11 @@ def image_use(model: "Model", task: str, examples: Sequence[Mapping[str, Any]], 
     learning to look can move it past the baseline. None for tasks without an input image or with
     fewer than two examples."""
     from uio.data.collate import collate
-    from uio.tasks import get_task
 
-    t = get_task(task)
     proc = model.processor
     if len(examples) < 2:
         return None
-    samples = [t.encode(ex, proc, np.random.default_rng([seed, 7, i]), train=True) for i, ex in enumerate(examples)]
+    samples = encode_examples(task, examples, proc, seed, train=True)
     if not any(np.asarray(s["image_input_mask"]).any() for s in samples):
         return None
     n = len(samples)
@@ -412,14 +411,8 @@ def image_use(model: "Model", task: str, examples: Sequence[Mapping[str, Any]], 
             for key, rows in (("nll", samples[k : k + batch_size]), ("nll_other_image", swapped[k : k + batch_size])):
                 batch = collate([dict(r, meta={}) for r in rows], proc.max_input_len, proc.max_target_len)
                 batch = {name: v.to(model.device) if isinstance(v, torch.Tensor) else v for name, v in batch.items()}
-                masks = batch.get("image_target_masks")
-                if masks is not None and model.image_tokenizer is not None:
-                    codes = torch.zeros(masks.shape, dtype=torch.long, device=masks.device)
-                    has = masks.any(dim=1).nonzero().flatten()
-                    if has.numel():
-                        codes[has] = model.encode_image_targets(batch["image_targets"][has])
-                    batch["image_target_codes"] = codes
-                batch.pop("image_targets", None)
+                batch = dict(model.tokenize_image_targets(batch))
+                batch.pop("image_targets", None)  # a model without an image tokenizer: text targets only
                 out = model(batch)
                 count = int(out.num_text_tokens + out.num_image_tokens)
                 totals[key] += float(out.loss) * count

@@ -256,6 +256,24 @@ class Model(InferenceMixin, nn.Module):
         with torch.autocast(self.device.type, enabled=False):
             return self.image_tokenizer.encode(images.to(dtype))
 
+    @torch.no_grad()
+    def tokenize_image_targets(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A batch whose image targets are pixels (``image_targets``) -> the same batch with
+        ``image_target_codes`` from the frozen tokenizer instead, encoding only the rows that have a
+        target (in a multi-task batch most have none; the others get code 0, masked out). The batch
+        is returned as it is when it already has codes, no image targets, or the model no tokenizer."""
+        pixels, masks = batch.get("image_targets"), batch.get("image_target_masks")
+        if pixels is None or masks is None or batch.get("image_target_codes") is not None \
+                or self.image_tokenizer is None:
+            return batch
+        rows = masks.any(dim=1).nonzero().flatten()  # (R,)
+        codes = torch.zeros(masks.shape, dtype=torch.long, device=masks.device)
+        if rows.numel():
+            codes[rows] = self.encode_image_targets(pixels[rows])
+        out = {k: v for k, v in batch.items() if k != "image_targets"}
+        out["image_target_codes"] = codes
+        return out
+
     def decode_image_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, Ni) -> images (B, 3, Ht, Wt) in about [-1, 1] with the image tokenizer."""
         if self.image_tokenizer is None:

@@ -191,7 +191,7 @@ class UIOLitModule(pl.LightningModule):
         gen = None
         if self.train_cfg["step_seed"]:  # same subsampling with or without an interruption
             gen = torch.Generator().manual_seed(_step_seed(self.hparams.seed, self.global_step, self.global_rank))
-        out = self.model(self._tokenize_targets(batch), num_patches=n, generator=gen)
+        out = self.model(self.model.tokenize_image_targets(batch), num_patches=n, generator=gen)
         bsz = len(batch["tasks"])
         loss = out.loss.detach().float()
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bsz)
@@ -200,22 +200,6 @@ class UIOLitModule(pl.LightningModule):
             self._log_group_losses(batch["tasks"], out.per_example_loss)
         self._tokens = count_tokens(batch, n) * self.trainer.world_size
         return out.loss
-
-    @torch.no_grad()
-    def _tokenize_targets(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
-        """Image targets -> codes with the frozen tokenizer, for the rows that have one only (the
-        model would encode every row; in a multi-task batch most rows have no image target)."""
-        pixels, masks = batch.get("image_targets"), batch.get("image_target_masks")
-        if pixels is None or masks is None or batch.get("image_target_codes") is not None \
-                or self.model.image_tokenizer is None:
-            return batch
-        rows = masks.any(dim=1).nonzero().flatten()  # (R,)
-        codes = torch.zeros(masks.shape, dtype=torch.long, device=masks.device)  # (B, Ni); masked-out rows
-        if rows.numel():
-            codes[rows] = self.model.encode_image_targets(pixels[rows])
-        out = {k: v for k, v in batch.items() if k != "image_targets"}
-        out["image_target_codes"] = codes
-        return out
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # As in the original JAX training, a parameter that took no part in this step (e.g. the
@@ -327,7 +311,7 @@ class UIOLitModule(pl.LightningModule):
         return self._val_metrics[name]
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        out = self.model(self._tokenize_targets(batch))
+        out = self.model(self.model.tokenize_image_targets(batch))
         pel = out.per_example_loss.detach().float()
         rows: dict[str, list[int]] = defaultdict(list)
         for i, t in enumerate(batch["tasks"]):
