@@ -174,6 +174,39 @@ def test_init_statistics():
             assert torch.all(m.weight == 1)
 
 
+def test_sincos_init_ties_patches_slots_and_location_bins():
+    """``sincos_init`` replaces the N(0, 1) rows of the image positions (encoder patches, decoder
+    image slots) and of the location tokens by sin-cos codes in location-bin units: same scale, and
+    a patch's column (row) code matches best the location bins of its own column (row) centre."""
+    torch.manual_seed(0)
+    cfg = tiny_config(image_input_size=(128, 128), image_target_grid=(8, 8), sincos_init=True)
+    net = Model(cfg).network
+    v, d = cfg.vocab, cfg.d_model
+    enc = net.encoder.position_embedding.weight[cfg.encoder_max_text_len:].detach()
+    dec = net.decoder.position_embedding.weight[cfg.decoder_max_text_len:].detach()
+    loc = net.token_embedder.weight[v.loc_id(torch.arange(v.num_loc_bins))].detach()  # row b = bin b
+    for table in (enc, dec, loc):
+        assert table.pow(2).mean().item() == pytest.approx(1.0, rel=0.02)  # the scale of N(0, 1)
+    assert torch.allclose(enc, dec)  # the 8x8 slots over the 8x8 patches start with the patches' codes
+    assert torch.equal(loc[:, : d // 2], loc[:, d // 2 :])  # x and y share the bins
+    gh, gw = cfg.patch_grid
+    half = d // 2
+    for pid in (0, 9, 27, 63):
+        r, c = divmod(pid, gw)
+        best_row = int((loc[:, :half] @ enc[pid, :half]).argmax())
+        best_col = int((loc[:, half:] @ enc[pid, half:]).argmax())
+        assert abs(best_row - (r + 0.5) * 1000 / gh) <= 2 and abs(best_col - (c + 0.5) * 1000 / gw) <= 2
+    # the rest is the original initialisation, and without the option nothing changes
+    torch.manual_seed(0)
+    plain = Model(tiny_config(image_input_size=(128, 128), image_target_grid=(8, 8))).network
+    assert torch.equal(plain.token_embedder.weight[: v.text_vocab], net.token_embedder.weight[: v.text_vocab])
+    assert torch.equal(plain.encoder.layers[0].attention.query.weight, net.encoder.layers[0].attention.query.weight)
+    plain_enc = plain.encoder.position_embedding.weight[cfg.encoder_max_text_len:]
+    assert plain_enc.std().item() == pytest.approx(1.0, rel=0.1) and not torch.allclose(plain_enc, enc)
+    with pytest.raises(ValueError, match="sincos_init needs d_model divisible by 4"):
+        Model(tiny_config(d_model=258, sincos_init=True))
+
+
 # ---- a literal transcription of the original forward (float64) ---------------------------------
 def _ref_bucket(n: np.ndarray, num_buckets: int, max_distance: int, bidirectional: bool) -> np.ndarray:
     ret = np.zeros_like(n)

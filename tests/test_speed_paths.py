@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -280,3 +282,25 @@ def test_mfu_formula_matches_flop_counter_on_hf_t5():
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         hf(input_ids=torch.randint(3, 900, (b, le)), labels=torch.randint(3, 900, (b, ld))).loss.backward()
     assert fc.get_total_flops() == train_flops(cfg, b, le, ld)
+
+
+# ---- the grounding probe ------------------------------------------------------------------------
+def test_grounding_probe_asks_for_the_named_square_and_logs_image_use(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import grounding_probe as gp
+
+    vocab = ModelConfig.from_size("tiny", text_vocab=1000, image_vocab=64).vocab
+    text, images, target = gp.make_batch(6, 3, torch.Generator().manual_seed(0), vocab)
+    assert text.shape == (6, 4) and images.shape == (6, 3, 128, 128) and target.shape == (6, 4)
+    for b in range(6):
+        colour = gp.PALETTE[int(text[b, 2]) - gp.COLOUR_TOKEN]
+        ys, xs = torch.nonzero((images[b] == colour[:, None, None]).all(0), as_tuple=True)
+        y1, x1, y2, x2 = vocab.dequantize(vocab.loc_bin(target[b]).numpy(), 128)
+        # the named square is drawn last (fully visible): its pixels fill the target box
+        assert abs(y1 - ys.min().item()) <= 1 and abs(x1 - xs.min().item()) <= 1
+        assert abs(y2 - (ys.max().item() + 1)) <= 1 and abs(x2 - (xs.max().item() + 1)) <= 1
+    rows = gp.main(["--steps", "2", "--batch", "4", "--log-every", "1", "--sincos-init", "--cross-position-bias",
+                    "--json", str(tmp_path / "log.json")])
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["image_use"]) and 0 <= r["bin_err"] < 1000 for r in rows)
+    assert json.loads((tmp_path / "log.json").read_text())["rows"] == rows

@@ -55,6 +55,12 @@ class ModelConfig:
     # cross_position_{q,k}_linear), which the original computes but never applies: False reproduces
     # the released network; True is for models trained here (see uio.modeling.network)
     cross_position_bias: bool = False
+    # initialise the image position embeddings (encoder patches, decoder image slots) with 2-D sin-cos
+    # tables and the location-token embeddings with the matching 1-D table, all in location-bin units,
+    # instead of N(0, 1): a patch, the decoder slot over it and the location bins of its coordinates
+    # start on one ordinal basis. Initialisation only (the parameters stay learnable, the checkpoint
+    # format is unchanged); for training from scratch (see UnifiedIONetwork.init_weights)
+    sincos_init: bool = False
     # image tokenizer spec (see uio.image_tokenizer.build_image_tokenizer); None = codes only
     image_tokenizer: dict[str, Any] | None = field(default=None)
 

@@ -63,8 +63,8 @@ from torch import nn
 from uio.config import ModelConfig
 from uio.modeling.layers import (NEG_INF, Attention, KVCache, MlpBlock, PackedWeight, RMSNorm, can_pack,
                                  init_attention_, init_mlp_, pack_linears, trunc_normal_fan_in_)
-from uio.modeling.position import (RelativePositionBiases, absolute_position_bias, init_embedding_,
-                                   resize_position_embeddings)
+from uio.modeling.position import (RelativePositionBiases, absolute_position_bias, grid_sincos_table,
+                                   init_embedding_, resize_position_embeddings, sincos_table)
 
 
 def mask_to_bias(mask: torch.Tensor) -> torch.Tensor:
@@ -452,6 +452,37 @@ class UnifiedIONetwork(nn.Module):
                     self.decoder.self_position_q_linear, self.decoder.self_position_k_linear,
                     self.decoder.cross_position_q_linear, self.decoder.cross_position_k_linear):
             trunc_normal_fan_in_(lin.weight, lin.in_features)
+        if self.config.sincos_init:
+            self.init_sincos_()
+
+    @torch.no_grad()
+    def init_sincos_(self) -> None:
+        """Overwrite three tables with sin-cos codes in location-bin units (``sincos_init``):
+
+        - the encoder's image position rows: :func:`grid_sincos_table` of the patch grid;
+        - the decoder's image-slot position rows: the same of the image-target grid (the slot over a
+          patch starts with that patch's code, which the cross-attention position bias can match);
+        - the location tokens: bin ``b`` gets ``[s(b), s(b)]`` with ``s`` the 1-D code of each half,
+          so a patch code and the bins of its x (or y) coordinate start correlated.
+
+        The original draws all three N(0, 1), so nothing but the embedding of a position ties a
+        patch to a bin: from scratch, a model learns that link for each patch and each of the 1000
+        bins separately, slowly (README, Training). Sin-cos codes are smooth in the coordinate, so
+        what is learnt about one bin carries to its neighbours."""
+        cfg, vocab = self.config, self.vocab
+        d, span = cfg.d_model, float(vocab.num_loc_bins)
+        if d % 4:
+            raise ValueError(f"sincos_init needs d_model divisible by 4, got {d}")
+        enc = self.encoder.position_embedding.weight
+        start = cfg.encoder_max_text_len
+        enc[start : start + cfg.encoder_max_image_len] = grid_sincos_table(cfg.patch_grid, d, span).to(enc)
+        dec = self.decoder.position_embedding.weight
+        start = cfg.decoder_max_text_len
+        dec[start : start + cfg.decoder_max_image_len] = grid_sincos_table(cfg.image_target_grid, d, span).to(dec)
+        bins = torch.arange(vocab.num_loc_bins)
+        half = sincos_table(bins.double(), d // 2, span)
+        tok = self.token_embedder.weight
+        tok[vocab.loc_id(bins)] = torch.cat([half, half], dim=1).to(tok)
 
     # ---- encoder ------------------------------------------------------------------------------
     def patchify(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -16,6 +16,8 @@ distance of exactly 16 -> bucket 10). Bucket tables are cached per grid and devi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -230,10 +232,41 @@ def resize_position_embeddings(table: torch.Tensor, old_grid: tuple[int, int], n
     return out.reshape(nh * nw, d)
 
 
+def sincos_table(coords: torch.Tensor, dim: int, span: float) -> torch.Tensor:
+    """(n, dim) sin-cos features of 1-D coordinates ``coords`` (n,) that range over ``[0, span)``.
+
+    ``dim // 2`` frequencies, geometric from a period of ``2 * span`` (one half-wave over the whole
+    range) down to a period of 8 units, scaled by sqrt(2) so every entry has mean square 1, like the
+    N(0, 1) tables it replaces. The dot product of two rows depends only on the coordinates'
+    difference and peaks where they are equal: an ordinal code."""
+    if dim < 2 or dim % 2:
+        raise ValueError(f"sincos_table needs an even dim >= 2, got {dim}")
+    k = torch.arange(dim // 2, dtype=torch.float64)
+    shortest = min(8.0, 2.0 * span)
+    freqs = (2 * math.pi / (2 * span)) * ((2 * span / shortest) ** (k / max(dim // 2 - 1, 1)))
+    angles = coords.to(torch.float64)[:, None] * freqs[None]
+    table = torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(len(coords), dim)
+    return (table * math.sqrt(2.0)).float()
+
+
+def grid_sincos_table(grid: tuple[int, int], dim: int, span: float) -> torch.Tensor:
+    """(gh*gw, dim) row-major 2-D sin-cos table of a cell grid covering ``[0, span)`` on each axis:
+    the first half of the features encodes the cell centre's row, the second half its column (both
+    as :func:`sincos_table` of ``dim // 2`` features)."""
+    gh, gw = grid
+    if dim % 4:
+        raise ValueError(f"grid_sincos_table needs dim divisible by 4, got {dim}")
+    rows = (torch.arange(gh, dtype=torch.float64) + 0.5) * span / gh
+    cols = (torch.arange(gw, dtype=torch.float64) + 0.5) * span / gw
+    rr, cc = torch.meshgrid(rows, cols, indexing="ij")
+    return torch.cat([sincos_table(rr.reshape(-1), dim // 2, span), sincos_table(cc.reshape(-1), dim // 2, span)], 1)
+
+
 def init_embedding_(w: torch.Tensor, std: float = 1.0) -> torch.Tensor:
     """Flax ``normal(stddev=1.0)`` used for the token, position and segment tables."""
     return nn.init.normal_(w, 0.0, std)
 
 
 __all__ = ["relative_position_bucket", "image_relative_position_bucket", "RelativePositionBiases",
-           "absolute_position_bias", "resize_position_embeddings", "init_embedding_"]
+           "absolute_position_bias", "resize_position_embeddings", "init_embedding_",
+           "sincos_table", "grid_sincos_table"]
