@@ -14,9 +14,11 @@ alike). The prompt names the colour of one square (a prompt token per colour); t
 square's box. With ``--objects 1`` the colour is redundant: the task is "where is the square?".
 With more, the network must also bind the colour word to the patches of that colour.
 
-    python bench/grounding_probe.py --objects 1 --steps 400                       # N(0,1) position tables
-    python bench/grounding_probe.py --objects 1 --steps 400 --sincos-init --cross-position-bias
-    python bench/grounding_probe.py --objects 3 --steps 2500 --sincos-init --cross-position-bias
+    python bench/grounding_probe.py --objects 1 --steps 400 --lr 1e-3       # N(0,1) position tables
+    python bench/grounding_probe.py --objects 1 --steps 400 --lr 1e-3 --sincos-init --cross-position-bias
+    python bench/grounding_probe.py --objects 3 --steps 1000 --sincos-init --cross-position-bias  # lr 3e-4
+    python bench/grounding_probe.py --objects 3 --steps 1000 --sincos-init --cross-position-bias --lr 1e-3
+    python bench/grounding_probe.py --objects 3 --steps 1000 --sincos-init --cross-position-bias --optimizer adafactor --lr 1e-2
 
 Measured results are in the README ("What this shows, and what it does not").
 """
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 
 from uio.config import ModelConfig
 from uio.modeling.network import UnifiedIONetwork
+from uio.training.optim import Adafactor
 
 PALETTE = torch.tensor([[1.0, -1, -1], [-1, 1.0, -1], [-1, -1, 1.0], [1.0, 1.0, -1], [1.0, -1, 1.0], [-1, 1.0, 1.0]])
 SIZE = 128
@@ -59,7 +62,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--objects", type=int, default=1, help="squares per image (1..6)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (no warmup, clip 1.0)")
+    ap.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw",
+                    help="adamw (torch) or the paper's Adafactor (uio.training.optim: momentum 0.9, "
+                         "decay 0.8, parameter-scaled steps); constant lr, no warmup, global-norm clip 1.0")
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--size", default="tiny", help="model size (uio.config.SIZES)")
     ap.add_argument("--sincos-init", action="store_true", help="ModelConfig.sincos_init")
     ap.add_argument("--cross-position-bias", action="store_true", help="ModelConfig.cross_position_bias")
@@ -77,7 +83,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     net = UnifiedIONetwork(cfg)
     net.init_weights()
     vocab = cfg.vocab
-    opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=0.0)
+    if a.optimizer == "adamw":
+        opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=0.0)
+    else:
+        opt = Adafactor(net.parameters(), lr=a.lr, beta1=0.9, decay_rate=0.8, scale_parameter=True)
     g = torch.Generator().manual_seed(a.seed)
     valid = torch.ones(a.batch, 4, dtype=torch.bool)
 
