@@ -431,3 +431,27 @@ def test_compiled_blocks_match_eager():
     a, b = plain.model(_batch()).loss, comp.model(_batch()).loss
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     b.backward()
+
+
+def test_task_probe_trains_then_scores_against_baselines(toy_root, text_tokenizer, tmp_path):
+    """bench/task_probe.py: a few steps on two tasks, then uio-eval's table with image use."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import task_probe
+
+    overrides = [o for o in tiny_overrides(toy_root, text_tokenizer.model_file.parent, tmp_path / "run")
+                 if not o.startswith("mixture.tasks=")]
+    out = task_probe.main(["--tasks", "vqa,depth", "--steps", "2", "--batch", "4", "--warmup", "1",
+                           "--eval-examples", "2", "--baseline-examples", "8", "--save", str(tmp_path / "m"),
+                           *overrides])
+    assert math.isfinite(out["train_image_use"])
+    assert [r.task for r in out["results"]] == ["vqa", "depth"]
+    for r in out["results"]:
+        assert r.baseline and r.metrics and r.image_use is not None
+    assert (tmp_path / "m" / "config.json").is_file()
+    with pytest.raises(SystemExit):
+        task_probe.main(["--tasks", "vqa", "not-an-override"])
+    assert [task_probe.lr_factor(s, 10, 2) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert task_probe.lr_factor(10, 10, 2) == pytest.approx(0.1)
