@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from uio.config import ModelConfig
 from uio.modeling.network import UnifiedIONetwork
-from uio.training.optim import Adafactor
+from uio.training.optim import build_optimizer
 
 PALETTE = torch.tensor([[1.0, -1, -1], [-1, 1.0, -1], [-1, -1, 1.0], [1.0, 1.0, -1], [1.0, -1, 1.0], [-1, 1.0, 1.0]])
 SIZE = 128
@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     net = UnifiedIONetwork(cfg)
     net.init_weights()
     vocab = cfg.vocab
-    if a.optimizer == "adamw":
-        opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=0.0)
-    else:
-        opt = Adafactor(net.parameters(), lr=a.lr, beta1=0.9, decay_rate=0.8, scale_parameter=True)
+    opt = build_optimizer(net, a.optimizer, lr=a.lr)  # uio-train's, without weight decay
     g = torch.Generator().manual_seed(a.seed)
     valid = torch.ones(a.batch, 4, dtype=torch.bool)
 

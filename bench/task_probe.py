@@ -3,7 +3,7 @@
 A learning-dynamics probe (README, "What this shows"), not a speed benchmark. It composes the same
 Hydra config as ``uio-train`` (``+experiment=tiny_multitask`` unless overridden), builds the
 library's data module and model, and trains them in a plain loop: bf16 autocast, global-norm
-clipping 1.0, a linear warm-up and a cosine to 10% of the learning rate. Then it prints:
+clipping 1.0, ``uio-train``'s linear warm-up and cosine schedule, down to 10% of the learning rate. Then it prints:
 
 - the training-batch image use: the loss of the next training batch with its own images, with the
   batch's images rotated by one, and with all-zero images;
@@ -20,20 +20,11 @@ tokenizers are built under ``$UIO_HOME`` when missing, as for the main job.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
 
 from uio.evaluation import evaluate_task, format_table, load_examples, primary_rows
-
-
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then a cosine from 1 to 0.1 at ``steps``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    q = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * q))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,8 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adafactor",
-                    help="adafactor: the config's optim group (the paper's); adamw: torch AdamW, betas 0.9/0.98, "
-                         "weight decay 0.01 on matrices")
+                    help="adafactor: the config's optim group (the paper's); adamw: uio-train's AdamW "
+                         "(betas 0.9/0.98, weight decay 0.01 on matrices)")
     ap.add_argument("--lr", type=float, default=None, help="default: 1e-3 for adamw, the config's for adafactor")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--eval-examples", type=int, default=100, help="held-out examples per task")
@@ -59,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     from hydra import compose, initialize_config_dir
 
     from uio.cli import conf_dir
+    from uio.training.optim import build_optimizer, cosine_schedule
     from uio.training.train import build_components
 
     base = [] if any(o.startswith("+experiment=") for o in overrides) else ["+experiment=tiny_multitask"]
@@ -70,22 +62,20 @@ def main(argv: list[str] | None = None) -> dict:
     dm.setup("fit")
     model = module.model
     if a.optimizer == "adamw":
-        matrices = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "embed" not in n]
-        others = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "embed" not in n)]
-        opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.01}, {"params": others, "weight_decay": 0.0}],
-                                lr=a.lr or 1e-3, betas=(0.9, 0.98))
+        opt = build_optimizer(model, "adamw", lr=a.lr or 1e-3, weight_decay=0.01, betas=(0.9, 0.98))
     else:
         opt = module.configure_optimizers()["optimizer"]
         if a.lr is not None:
             for g in opt.param_groups:
                 g["lr"] = a.lr
     base_lr = [g["lr"] for g in opt.param_groups]
+    lr_factor = cosine_schedule(a.steps, a.warmup, min_ratio=0.1)
     batches = iter(dm.train_dataloader())
     model.train()
     t0 = time.time()
     for step in range(a.steps):
         for g, lr in zip(opt.param_groups, base_lr):
-            g["lr"] = lr * lr_factor(step, a.steps, a.warmup)
+            g["lr"] = lr * lr_factor(step)
         batch = model.tokenize_image_targets(next(batches))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(batch, num_patches=cfg.train.num_patches)

@@ -453,5 +453,3 @@ def test_task_probe_trains_then_scores_against_baselines(toy_root, text_tokenize
     assert (tmp_path / "m" / "config.json").is_file()
     with pytest.raises(SystemExit):
         task_probe.main(["--tasks", "vqa", "not-an-override"])
-    assert [task_probe.lr_factor(s, 10, 2) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
-    assert task_probe.lr_factor(10, 10, 2) == pytest.approx(0.1)

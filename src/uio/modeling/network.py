@@ -480,7 +480,7 @@ class UnifiedIONetwork(nn.Module):
         start = cfg.decoder_max_text_len
         dec[start : start + cfg.decoder_max_image_len] = grid_sincos_table(cfg.image_target_grid, d, span).to(dec)
         bins = torch.arange(vocab.num_loc_bins)
-        half = sincos_table(bins.double(), d // 2, span)
+        half = sincos_table(bins, d // 2, span)
         tok = self.token_embedder.weight
         tok[vocab.loc_id(bins)] = torch.cat([half, half], dim=1).to(tok)
 
