@@ -35,7 +35,7 @@ from uio.data.toyworld_tasks import (
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 1  # bump when the generator changes what a (seed, index) produces
+BUILD_VERSION = 2  # bump when the generator changes what a (seed, index) produces (2: zoomed-in camera)
 INFO_FILE = "toyworld.json"
 DEFAULT_TRAIN_SCENES = 2000
 DEFAULT_VAL_SCENES = 200

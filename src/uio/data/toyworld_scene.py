@@ -610,14 +610,19 @@ class Scene:
 class SceneConfig:
     """Ranges the scene sampler draws from."""
 
+    # The camera frames the objects so that they span the units that read and write them: at 128 px
+    # the median object is ~30 px wide (two 16-px patches; two codes of an 8x8 VQ-GAN grid). With the
+    # first version's wide view (55 deg, objects 2.6-7.2 m away, 3-6 of them) the median object was
+    # 16 px, one patch and one code: object masks could not be written (the toy VQ-GAN's segmentation
+    # ceiling was a mask IoU of 0.46) and a localisation-only probe barely read the image.
     image_size: tuple[int, int] = (128, 128)
-    min_objects: int = 3
-    max_objects: int = 6
+    min_objects: int = 2
+    max_objects: int = 5
     max_people: int = 2
     person_prob: float = 0.55  # chance that a scene has at least one person
-    fov_y_deg: float = 55.0
-    near: float = 2.6  # nearest object distance (m, along the view)
-    far: float = 7.2
+    fov_y_deg: float = 32.0
+    near: float = 2.4  # nearest object distance (m, along the view)
+    far: float = 5.5
     min_visible_frac: float = 0.003  # objects showing fewer pixels than this are removed
 
     def __post_init__(self):
