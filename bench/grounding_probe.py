@@ -20,7 +20,7 @@ With more, the network must also bind the colour word to the patches of that col
     python bench/grounding_probe.py --objects 3 --steps 1000 --sincos-init --cross-position-bias --lr 1e-3
     python bench/grounding_probe.py --objects 3 --steps 1000 --sincos-init --cross-position-bias --optimizer adafactor --lr 1e-2
 
-Measured results are in the README ("What this shows, and what it does not").
+Measured results are in docs/results-toyworld-v1.md ("Where grounding stalls").
 """
 from __future__ import annotations
 
