@@ -206,6 +206,19 @@ def test_hidden_objects_are_removed_and_scenes_have_objects():
         assert min(scene.areas) >= max(6, int(cfg.min_visible_frac * 64 * 64))
 
 
+def test_objects_span_the_patches_and_codes_that_read_and_write_them():
+    """The default camera frames objects at ~2 patches (16 px) and ~2 codes of the toy VQ-GAN's 8x8 grid
+    at 128 px. Version 1's wide view gave a median width of 16 px, which this fails."""
+    widths, counts = [], []
+    for i in range(40):
+        scene = make_scene(0, "train", i, 128)
+        counts.append(len(scene.objects))
+        widths += [b[2] - b[0] for b in scene.boxes]
+    assert np.median(widths) >= 24, np.median(widths)
+    assert np.percentile(widths, 10) >= 12
+    assert min(counts) >= 2 and max(counts) <= SceneConfig().max_objects
+
+
 # ---- language is true ------------------------------------------------------------------------------
 def test_relations_are_antisymmetric_and_undecided_cases_are_never_stated(scenes):
     inverse = {"left of": "right of", "right of": "left of", "in front of": "behind", "behind": "in front of",
