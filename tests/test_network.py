@@ -552,6 +552,37 @@ def test_text_only_batches_skip_the_image(tiny_model):
     torch.testing.assert_close(a.per_example_loss, b.per_example_loss, atol=1e-5, rtol=1e-5)
 
 
+def test_grouped_rows_give_the_same_loss_and_gradients():
+    """group_rows=True (each layout with its own padding) computes what the whole batch computes."""
+    from uio.model import layout_groups
+
+    torch.manual_seed(0)
+    model = Model(tiny_config())
+    cfg = model.config
+    batch = make_batch(cfg, b=6, seed=3)
+    batch["image_target_masks"][1] = False  # rows 0, 1: no image target; 2-5: an image target
+    batch["image_input_masks"][4] = False  # rows 4, 5: no input image (text-only rows)
+    batch["text_targets"][2:, 1:] = 0  # image rows: the EOS-only text segment of image tasks
+    batch["text_targets"][2:, 0] = cfg.vocab.eos_id
+    groups = [g.tolist() for g in layout_groups(model._check_batch(batch, targets=True))]
+    assert groups == [[0, 1], [2, 3], [4, 5]]
+
+    def run(group_rows):
+        model.zero_grad()
+        out = model(batch, group_rows=group_rows)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (whole, g_whole), (grouped, g_grouped) = run(False), run(True)
+    for key in ("loss", "per_example_loss", "text_loss", "image_loss", "num_text_tokens", "num_image_tokens"):
+        torch.testing.assert_close(getattr(grouped, key), getattr(whole, key), atol=1e-5, rtol=1e-5)
+    assert g_grouped.keys() == g_whole.keys()
+    for name in g_whole:
+        torch.testing.assert_close(g_grouped[name], g_whole[name], atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="group_rows"):
+        model(batch, group_rows=True, return_logits=True)
+
+
 def test_relative_tables_stay_bounded():
     rp = RelativePositionBiases(num_heads=2)
     rp.reset_parameters()

@@ -64,6 +64,58 @@ def _is_int(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
+def _used_length(ids: torch.Tensor) -> int:
+    """Columns up to the last non-pad (id 0) one of any row; at least 1."""
+    used = (ids != 0).any(0).nonzero()
+    return int(used[-1]) + 1 if used.numel() else 1
+
+
+def layout_groups(b: Mapping[str, Any]) -> list[torch.Tensor]:
+    """Row indices of a validated batch grouped by layout: (has a visible input patch, has an image
+    target), in order of first appearance."""
+    bsz = b["text_inputs"].shape[0]
+    keys = torch.zeros(bsz, dtype=torch.long, device=b["text_inputs"].device)
+    if b.get("image_inputs") is not None:
+        keys += 2 * b["image_input_masks"].any(1).long()
+    if b.get("image_target_codes") is not None:
+        keys += b["image_target_masks"].any(1).long()
+    found = keys.tolist()
+    return [torch.tensor([i for i, k in enumerate(found) if k == key], device=keys.device)
+            for key in dict.fromkeys(found)]
+
+
+def _has_slack(b: Mapping[str, Any]) -> bool:
+    """Whether trimming would shorten a batch of one layout (pad columns, or an all-masked image)."""
+    if _used_length(b["text_inputs"]) < b["text_inputs"].shape[1]:
+        return True
+    tt = b.get("text_targets")
+    if tt is not None and _used_length(tt) < tt.shape[1]:
+        return True
+    if b.get("image_inputs") is not None and not bool(b["image_input_masks"].any()):
+        return True
+    return b.get("image_target_codes") is not None and not bool(b["image_target_masks"].any())
+
+
+def _layout_subbatch(b: Mapping[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The rows of a validated batch, trimmed to their own layout: text to the longest row, no
+    image input when none of them has a visible patch, no image slots when none has an image target."""
+    sub: dict[str, Any] = {}
+    for key in ("text_inputs", "text_targets"):
+        t = b[key][rows]
+        sub[key] = t[:, :_used_length(t)]
+    image, masks = b.get("image_inputs"), b.get("image_input_masks")
+    if image is not None and bool(masks[rows].any()):
+        sub["image_inputs"], sub["image_input_masks"] = image[rows], masks[rows]
+    else:
+        sub["image_inputs"] = sub["image_input_masks"] = None
+    codes, tmask = b.get("image_target_codes"), b.get("image_target_masks")
+    if codes is not None and bool(tmask[rows].any()):
+        sub["image_target_codes"], sub["image_target_masks"] = codes[rows], tmask[rows]
+    else:
+        sub["image_target_codes"] = sub["image_target_masks"] = None
+    return sub
+
+
 class Model(InferenceMixin, nn.Module):
     """Network + optional frozen image tokenizer + optional text tokenizer. The task methods
     (``caption``, ``detect``, ``depth``, ...) come from :class:`uio.inference.InferenceMixin`."""
@@ -289,10 +341,49 @@ class Model(InferenceMixin, nn.Module):
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, batch: Mapping, num_patches: int | None = None, return_logits: bool = False,
-                generator: torch.Generator | None = None) -> ModelOutput:
+                generator: torch.Generator | None = None, group_rows: bool = False) -> ModelOutput:
         """Teacher-forced loss on a batch. ``num_patches``: encode a random subset of that many
-        visible patches per row (training-time subsampling)."""
+        visible patches per row (training-time subsampling).
+
+        ``group_rows=True`` runs the rows in groups of one layout -- (has an input image, has an
+        image target) -- each with only its own padding: in a multi-task batch most rows then skip
+        the image-target slots and the masked patches of an absent image, and the text is padded to
+        the group's longest row, not the batch's. Every row's computation is the same as in the
+        whole batch (positions and biases do not depend on the padding), so the loss is the same
+        up to float rounding; only the work is smaller. Not with ``return_logits``."""
         b = self._check_batch(batch, targets=True)
+        if not group_rows:
+            return self._output(*self._token_losses(b, num_patches, generator, return_logits))
+        if return_logits:
+            raise ValueError("group_rows=True returns no logits (the groups have different lengths)")
+        groups = layout_groups(b)
+        if len(groups) == 1 and not _has_slack(b):
+            return self._output(*self._token_losses(b, num_patches, generator, False))
+        bsz = b["text_inputs"].shape[0]
+        row_sum = torch.zeros(bsz, dtype=torch.float32, device=self.device)
+        per_row = torch.zeros(bsz, dtype=torch.long, device=self.device)
+        text_sum = image_sum = row_sum.new_zeros(())
+        n_text = n_image = per_row.new_zeros(())
+        for rows in groups:
+            ts, nt, is_, ni, rs, pr, _ = self._token_losses(_layout_subbatch(b, rows), num_patches, generator, False)
+            text_sum, n_text, image_sum, n_image = text_sum + ts, n_text + nt, image_sum + is_, n_image + ni
+            row_sum = row_sum.index_put((rows,), rs)
+            per_row = per_row.index_put((rows,), pr)
+        return self._output(text_sum, n_text, image_sum, n_image, row_sum, per_row, None)
+
+    @staticmethod
+    def _output(text_sum, n_text, image_sum, n_image, row_sum, per_row, logits) -> ModelOutput:
+        return ModelOutput(
+            loss=(text_sum + image_sum) / (n_text + n_image).clamp(min=1),
+            per_example_loss=row_sum / per_row.clamp(min=1),
+            text_loss=text_sum / n_text.clamp(min=1),
+            image_loss=image_sum / n_image.clamp(min=1),
+            num_text_tokens=n_text, num_image_tokens=n_image, logits=logits)
+
+    def _token_losses(self, b: Mapping[str, Any], num_patches: int | None, generator: torch.Generator | None,
+                      return_logits: bool):
+        """Sums of the token negative log-likelihoods of a validated batch: (text sum, text count,
+        image sum, image count, per-row sums (B,), per-row counts (B,), masked logits or None)."""
         net, vocab = self.network, self.vocab
         tt = b["text_targets"]  # (B, Ld)
         bsz, ld = tt.shape
@@ -311,7 +402,6 @@ class Model(InferenceMixin, nn.Module):
 
         # per-token negative log-likelihoods, only at valid targets (text: text ids, image: codes)
         vt = valid[0]
-        zeros = hidden.new_zeros((), dtype=torch.float32)
         nll_text = torch.zeros(bsz, ld, dtype=torch.float32, device=ids.device).masked_scatter(
             vt, -token_log_probs(net, hidden[:, :ld][vt], tt[vt], "text"))
         n_text = vt.sum()
@@ -324,17 +414,9 @@ class Model(InferenceMixin, nn.Module):
             image_sum = nll_image.sum()
             row_sum = row_sum + nll_image.sum(1)
         else:
-            n_image, image_sum = torch.zeros_like(n_text), zeros
-        per_row = key_valid.sum(1)
-        out = ModelOutput(
-            loss=(text_sum + image_sum) / (n_text + n_image).clamp(min=1),
-            per_example_loss=row_sum / per_row.clamp(min=1),
-            text_loss=text_sum / n_text.clamp(min=1),
-            image_loss=image_sum / n_image.clamp(min=1),
-            num_text_tokens=n_text, num_image_tokens=n_image)
-        if return_logits:
-            out.logits = net.masked_logits(hidden, ld)
-        return out
+            n_image, image_sum = torch.zeros_like(n_text), hidden.new_zeros((), dtype=torch.float32)
+        logits = net.masked_logits(hidden, ld) if return_logits else None
+        return text_sum, n_text, image_sum, n_image, row_sum, key_valid.sum(1), logits
 
     # ---- inference ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -91,7 +91,7 @@ class UIOLitModule(pl.LightningModule):
         self.save_hyperparameters()
         self.optim_cfg = dict(optim or {"name": "adafactor", "lr": 1e-2})
         self.train_cfg = {"num_patches": None, "activation_checkpointing": False, "compile": False,
-                          "log_group_losses": True, "step_seed": True, **(train or {})}
+                          "log_group_losses": True, "step_seed": True, "group_rows": True, **(train or {})}
         self.val_cfg = {"enabled": True, "max_text_len": None, "num_beams": None,
                         "image_output": True, **(val or {})}
         self.model = self._build_model(model, image_tokenizer, text_tokenizer, init_from)
@@ -191,7 +191,8 @@ class UIOLitModule(pl.LightningModule):
         gen = None
         if self.train_cfg["step_seed"]:  # same subsampling with or without an interruption
             gen = torch.Generator().manual_seed(_step_seed(self.hparams.seed, self.global_step, self.global_rank))
-        out = self.model(self.model.tokenize_image_targets(batch), num_patches=n, generator=gen)
+        out = self.model(self.model.tokenize_image_targets(batch), num_patches=n, generator=gen,
+                         group_rows=bool(self.train_cfg["group_rows"]))
         bsz = len(batch["tasks"])
         loss = out.loss.detach().float()
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bsz)
