@@ -191,8 +191,11 @@ class UIOLitModule(pl.LightningModule):
         gen = None
         if self.train_cfg["step_seed"]:  # same subsampling with or without an interruption
             gen = torch.Generator().manual_seed(_step_seed(self.hparams.seed, self.global_step, self.global_rank))
-        out = self.model(self.model.tokenize_image_targets(batch), num_patches=n, generator=gen,
-                         group_rows=bool(self.train_cfg["group_rows"]))
+        # Grouping runs in one process only: under DDP / FSDP a rank whose batch has, e.g., no input
+        # image would skip the patch projection while another rank uses it, and the gradient
+        # all-reduce then waits for a bucket that never fills (measured: the DDP test hung).
+        group = bool(self.train_cfg["group_rows"]) and self.trainer.world_size == 1
+        out = self.model(self.model.tokenize_image_targets(batch), num_patches=n, generator=gen, group_rows=group)
         bsz = len(batch["tasks"])
         loss = out.loss.detach().float()
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bsz)
