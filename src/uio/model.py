@@ -84,18 +84,6 @@ def layout_groups(b: Mapping[str, Any]) -> list[torch.Tensor]:
             for key in dict.fromkeys(found)]
 
 
-def _has_slack(b: Mapping[str, Any]) -> bool:
-    """Whether trimming would shorten a batch of one layout (pad columns, or an all-masked image)."""
-    if _used_length(b["text_inputs"]) < b["text_inputs"].shape[1]:
-        return True
-    tt = b.get("text_targets")
-    if tt is not None and _used_length(tt) < tt.shape[1]:
-        return True
-    if b.get("image_inputs") is not None and not bool(b["image_input_masks"].any()):
-        return True
-    return b.get("image_target_codes") is not None and not bool(b["image_target_masks"].any())
-
-
 def _layout_subbatch(b: Mapping[str, Any], rows: torch.Tensor) -> dict[str, Any]:
     """The rows of a validated batch, trimmed to their own layout: text to the longest row, no
     image input when none of them has a visible patch, no image slots when none has an image target."""
@@ -356,15 +344,12 @@ class Model(InferenceMixin, nn.Module):
             return self._output(*self._token_losses(b, num_patches, generator, return_logits))
         if return_logits:
             raise ValueError("group_rows=True returns no logits (the groups have different lengths)")
-        groups = layout_groups(b)
-        if len(groups) == 1 and not _has_slack(b):
-            return self._output(*self._token_losses(b, num_patches, generator, False))
         bsz = b["text_inputs"].shape[0]
         row_sum = torch.zeros(bsz, dtype=torch.float32, device=self.device)
         per_row = torch.zeros(bsz, dtype=torch.long, device=self.device)
         text_sum = image_sum = row_sum.new_zeros(())
         n_text = n_image = per_row.new_zeros(())
-        for rows in groups:
+        for rows in layout_groups(b):
             ts, nt, is_, ni, rs, pr, _ = self._token_losses(_layout_subbatch(b, rows), num_patches, generator, False)
             text_sum, n_text, image_sum, n_image = text_sum + ts, n_text + nt, image_sum + is_, n_image + ni
             row_sum = row_sum.index_put((rows,), rs)
