@@ -386,6 +386,23 @@ def _batch():
             "image_target_masks": torch.tensor([[True] * 16, [False] * 16]), "tasks": ["depth", "vqa"], "meta": [{}, {}]}
 
 
+def test_loss_normalization_weighs_tokens_or_rows():
+    from uio.training.module import training_loss
+
+    with pytest.raises(ValueError, match="train.loss_normalization must be one of"):
+        _small_module(loss_normalization="examples")
+    out = _small_module().model(_batch())  # row 0: 3 text + 16 image tokens; row 1: 2 text tokens
+    n = torch.tensor([19.0, 2.0])
+    sums = out.per_example_loss * n
+    torch.testing.assert_close(training_loss(out, "tokens"), sums.sum() / n.sum())
+    torch.testing.assert_close(training_loss(out, "rows"), (sums / n).mean())
+    torch.testing.assert_close(training_loss(out, "sqrt"), (sums / n.sqrt()).sum() / n.sqrt().sum())
+    assert torch.equal(out.per_example_tokens, n.long())
+    assert not torch.isclose(training_loss(out, "tokens"), training_loss(out, "rows"))
+    with pytest.raises(ValueError, match="loss normalization must be one of"):
+        training_loss(out, "examples")
+
+
 def test_activation_checkpointing_keeps_numbers_and_names():
     from uio.training.strategies import apply_activation_checkpointing
 

@@ -48,8 +48,8 @@ class ModelOutput:
     """``loss``: mean token cross-entropy over all valid targets; ``per_example_loss`` (B,): mean
     over each row's targets (0 for a row without any); ``text_loss``/``image_loss``: mean over the
     batch's text / image target tokens (0 when there are none); ``num_text_tokens`` /
-    ``num_image_tokens``: how many were counted; ``logits`` (B, Ld+Ni, V) with the modality masks,
-    only when ``return_logits=True`` (they are large)."""
+    ``num_image_tokens``: how many were counted; ``per_example_tokens`` (B,): each row's count;
+    ``logits`` (B, Ld+Ni, V) with the modality masks, only when ``return_logits=True`` (they are large)."""
 
     loss: torch.Tensor
     per_example_loss: torch.Tensor
@@ -57,6 +57,7 @@ class ModelOutput:
     image_loss: torch.Tensor
     num_text_tokens: torch.Tensor
     num_image_tokens: torch.Tensor
+    per_example_tokens: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
 
@@ -363,7 +364,7 @@ class Model(InferenceMixin, nn.Module):
             per_example_loss=row_sum / per_row.clamp(min=1),
             text_loss=text_sum / n_text.clamp(min=1),
             image_loss=image_sum / n_image.clamp(min=1),
-            num_text_tokens=n_text, num_image_tokens=n_image, logits=logits)
+            num_text_tokens=n_text, num_image_tokens=n_image, per_example_tokens=per_row, logits=logits)
 
     def _token_losses(self, b: Mapping[str, Any], num_patches: int | None, generator: torch.Generator | None,
                       return_logits: bool):

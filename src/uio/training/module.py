@@ -27,7 +27,26 @@ import torch
 
 from uio.training.optim import build_optimizer, build_scheduler
 
-__all__ = ["UIOLitModule", "select_rows", "count_tokens"]
+__all__ = ["UIOLitModule", "select_rows", "count_tokens", "training_loss"]
+
+LOSS_NORMALIZATIONS = ("tokens", "rows", "sqrt")
+
+
+def training_loss(out, normalization: str = "tokens") -> torch.Tensor:
+    """The loss a step minimises, from a :class:`uio.model.ModelOutput`.
+
+    ``tokens``: the mean negative log-likelihood over all target tokens of the batch, so a row with a
+    64-code image target weighs 64 times a row with a one-token answer. ``rows``: the mean over rows of
+    each row's mean, so every example weighs the same whatever its length. ``sqrt``: in between, each
+    row's mean weighted by the square root of its token count (the 64-code row weighs 8 times)."""
+    if normalization == "tokens":
+        return out.loss
+    if normalization == "rows":
+        return out.per_example_loss.mean()
+    if normalization == "sqrt":
+        w = out.per_example_tokens.float().sqrt()
+        return (out.per_example_loss * w).sum() / w.sum().clamp(min=1e-6)
+    raise ValueError(f"loss normalization must be one of {LOSS_NORMALIZATIONS}, got {normalization!r}")
 
 
 def select_rows(batch: Mapping[str, Any], rows: Sequence[int]) -> dict[str, Any]:
@@ -91,7 +110,11 @@ class UIOLitModule(pl.LightningModule):
         self.save_hyperparameters()
         self.optim_cfg = dict(optim or {"name": "adafactor", "lr": 1e-2})
         self.train_cfg = {"num_patches": None, "activation_checkpointing": False, "compile": False,
-                          "log_group_losses": True, "step_seed": True, "group_rows": True, **(train or {})}
+                          "log_group_losses": True, "step_seed": True, "group_rows": True,
+                          "loss_normalization": "tokens", **(train or {})}
+        if self.train_cfg["loss_normalization"] not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"train.loss_normalization must be one of {LOSS_NORMALIZATIONS}, "
+                             f"got {self.train_cfg['loss_normalization']!r}")
         self.val_cfg = {"enabled": True, "max_text_len": None, "num_beams": None,
                         "image_output": True, **(val or {})}
         self.model = self._build_model(model, image_tokenizer, text_tokenizer, init_from)
@@ -197,6 +220,7 @@ class UIOLitModule(pl.LightningModule):
         group = bool(self.train_cfg["group_rows"]) and self.trainer.world_size == 1
         out = self.model(self.model.tokenize_image_targets(batch), num_patches=n, generator=gen, group_rows=group)
         bsz = len(batch["tasks"])
+        out.loss = training_loss(out, self.train_cfg["loss_normalization"])
         loss = out.loss.detach().float()
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bsz)
         self._record("all", float(loss))
