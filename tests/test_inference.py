@@ -190,6 +190,32 @@ def test_generate_image(model):
     assert np.array_equal(np.asarray(img), np.asarray(again))  # seeded sampling is reproducible
 
 
+def test_num_samples_returns_the_pixel_mean_of_that_many_samples(model):
+    from uio.tasks import get_task
+
+    img = _image(3)
+    sample = get_task("depth").encode({"image": img, "depth": np.ones((H, W), np.float32)}, model.processor,
+                                      np.random.default_rng(0), train=False)
+    batch = model.batch_inputs([sample, sample])
+    kw = dict(max_text_len=1, image_output=True, method="sample")
+    g = torch.Generator().manual_seed(0)
+    one_by_one = [model.generate(batch, generator=g, **kw) for _ in range(3)]
+    mean = model.generate(batch, generator=torch.Generator().manual_seed(0), num_samples=3, **kw)
+    torch.testing.assert_close(mean.images, sum(o.images for o in one_by_one) / 3)
+    assert torch.equal(mean.image_codes, one_by_one[0].image_codes)
+    assert not torch.equal(one_by_one[0].image_codes, one_by_one[1].image_codes)  # the samples differ
+    d1, d3 = model.depth(img, seed=0), model.depth(img, seed=0, num_samples=3)
+    assert d3.depth.shape == d1.depth.shape and not np.array_equal(d3.depth, d1.depth)
+    n3 = model.surface_normals(img, seed=0, num_samples=3).normals
+    assert np.allclose(np.linalg.norm(n3, axis=-1)[np.linalg.norm(n3, axis=-1) > 0], 1, atol=1e-4)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        model.depth(img, num_samples=0)
+    with pytest.raises(ValueError, match="needs image_output=True, method='sample' and no text output"):
+        model.depth(img, num_samples=2, method="greedy")
+    with pytest.raises(ValueError, match="needs image_output=True"):
+        model.caption(img, num_samples=2)
+
+
 def test_inpaint_paste_keeps_known_pixels(model):
     a = _image(9)
     out = np.asarray(model.inpaint(a, BOX, "cube", seed=0))

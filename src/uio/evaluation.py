@@ -274,9 +274,12 @@ def _generation_kwargs(task, model: "Model", overrides: Mapping[str, Any] | None
             kw[k] = min(kw[k], int(v))
         elif k in ("method", "num_beams", "top_p", "temperature"):
             kw[k] = v
+        elif k == "num_samples":  # image-only outputs: the pixel mean of that many samples
+            if task.output == "image" and kw.get("image_output"):
+                kw[k] = int(v)
         else:
-            raise KeyError(f"unknown generation option {k!r}; expected max_text_len, method, num_beams, top_p or "
-                           "temperature")
+            raise KeyError(f"unknown generation option {k!r}; expected max_text_len, method, num_beams, top_p, "
+                           "temperature or num_samples")
     return kw
 
 

@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 ImageLike = Union["Image.Image", np.ndarray, torch.Tensor]
-GENERATE_KEYS = ("max_text_len", "method", "num_beams", "top_p", "temperature", "generator", "alpha", "use_cache")
+GENERATE_KEYS = ("max_text_len", "method", "num_beams", "top_p", "temperature", "generator", "alpha", "use_cache",
+                 "num_samples")
 DEFAULT_BATCH = 16
 
 

@@ -30,7 +30,7 @@ from uio.cli import conf_dir
 KEYS = {"name", "task", "describe", "ckpt", "text_tokenizer", "shards", "split", "max_examples", "batch_size", "seed",
         "device", "dtype", "generation", "baselines", "tokenizer_ceiling", "image_use", "train_split",
         "baseline_train_examples", "save_predictions", "num_html_examples", "output_dir", "all_tasks", "toyworld", "paths"}
-GENERATION_KEYS = {"max_text_len", "method", "num_beams", "top_p", "temperature"}
+GENERATION_KEYS = {"max_text_len", "method", "num_beams", "top_p", "temperature", "num_samples"}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
