@@ -204,6 +204,17 @@ def test_question_answering_reads_every_window(world, model, monkeypatch):
     assert calls == [1] and r.num_examples == 1 and 0.0 <= r.metrics["squad"]["f1"] <= 1.0
 
 
+def test_num_samples_reaches_image_only_tasks(model):
+    from uio.evaluation import _generation_kwargs
+    from uio.tasks import get_task
+
+    assert _generation_kwargs(get_task("depth"), model, {"num_samples": 4})["num_samples"] == 4
+    assert "num_samples" not in _generation_kwargs(get_task("vqa"), model, {"num_samples": 4})  # text: ignored
+    assert "num_samples" not in _generation_kwargs(get_task("object_segmentation"), model, {"num_samples": 4})
+    with pytest.raises(KeyError, match="or num_samples"):
+        _generation_kwargs(get_task("depth"), model, {"samples": 4})
+
+
 def test_eval_cli_writes_report_and_predictions(world, model_dir, tmp_path, capsys):
     from uio.cli.eval import run
 
