@@ -35,7 +35,7 @@ from uio.inference import InferenceMixin
 from uio.modeling.generation import AllowedTokens, GenerationOutput, Options
 from uio.modeling.generation import generate as _generate
 from uio.modeling.generation import score_options as _score_options
-from uio.modeling.generation import token_log_probs
+from uio.modeling.generation import token_log_probs, used_length
 from uio.modeling.network import EncoderOutput, UnifiedIONetwork
 from uio.vocab import Vocab
 
@@ -65,12 +65,6 @@ def _is_int(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
-def _used_length(ids: torch.Tensor) -> int:
-    """Columns up to the last non-pad (id 0) one of any row; at least 1."""
-    used = (ids != 0).any(0).nonzero()
-    return int(used[-1]) + 1 if used.numel() else 1
-
-
 def layout_groups(b: Mapping[str, Any]) -> list[torch.Tensor]:
     """Row indices of a validated batch grouped by layout: (has a visible input patch, has an image
     target), in order of first appearance."""
@@ -91,7 +85,7 @@ def _layout_subbatch(b: Mapping[str, Any], rows: torch.Tensor) -> dict[str, Any]
     sub: dict[str, Any] = {}
     for key in ("text_inputs", "text_targets"):
         t = b[key][rows]
-        sub[key] = t[:, :_used_length(t)]
+        sub[key] = t[:, :used_length(t)]
     image, masks = b.get("image_inputs"), b.get("image_input_masks")
     if image is not None and bool(masks[rows].any()):
         sub["image_inputs"], sub["image_input_masks"] = image[rows], masks[rows]

@@ -275,6 +275,12 @@ def _beam(stepper, network: UnifiedIONetwork, batch: int, beams: int, start: int
     return seqs, scores
 
 
+def used_length(ids: torch.Tensor) -> int:
+    """Columns of a (B, L) id tensor up to the last non-pad (id 0) one of any row; at least 1."""
+    used = (ids != 0).any(0).nonzero()
+    return int(used[-1]) + 1 if used.numel() else 1
+
+
 def _text_inputs(text: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forcing inputs (shift right, 0 start) and slot validity for generated text (R, n)."""
     inputs = torch.cat([torch.zeros_like(text[:, :1]), text[:, :-1]], dim=1)
@@ -323,8 +329,7 @@ def generate(network: UnifiedIONetwork, enc: EncoderOutput, max_text_len: int = 
     else:
         text, scores = _sequential(stepper, network, rows, 0, max_text_len, start_tok, "text", method, masks,
                                    vocab.eos_id, top_p, temperature, generator, check_every)
-    used = (text != 0).any(0).nonzero()
-    text = text[:, : int(used.max()) + 1 if used.numel() else 1]  # drop all-padding columns at the end
+    text = text[:, : used_length(text)]  # drop all-padding columns at the end
     codes = None
     if image_output:
         bos = torch.full((rows,), vocab.image_bos_id, dtype=torch.long, device=device)
@@ -470,4 +475,5 @@ def token_log_probs(network: UnifiedIONetwork, hidden: torch.Tensor, targets: to
 
 
 __all__ = ["GenerationOutput", "generate", "score_options", "token_log_probs", "top_p_filter", "sample_tokens",
+           "used_length",
            "CachedStepper", "UncachedStepper", "TargetLogProb"]
