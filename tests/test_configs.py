@@ -165,6 +165,12 @@ def test_trainer_presets_build_their_strategies():
             assert s._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == blocks
         if preset == "fsdp2":
             assert s.fsdp_kwargs == {"mixed_precision": "bf16", "reduce_dtype": "fp32", "reshard_after_forward": True}
+        if kind is not str:  # on GPUs one process group serves CUDA tensors (NCCL) and the CPU metric states (gloo)
+            assert s._process_group_backend == "cpu:gloo,cuda:nccl", preset
+            if preset != "fsdp":  # on CPUs Lightning's default (gloo)
+                assert build_strategy(kw["strategy"], accelerator="cpu")._process_group_backend is None
+            chosen = build_strategy({**kw["strategy"], "process_group_backend": "nccl"}, accelerator="gpu")
+            assert chosen._process_group_backend == "nccl"  # a configured backend is kept
 
 
 def test_model_fields_must_agree_with_the_tokenizers():

@@ -403,6 +403,27 @@ def test_loss_normalization_weighs_tokens_or_rows():
         training_loss(out, "examples")
 
 
+def test_fsdp1_clips_the_global_norm_through_its_root_module(monkeypatch):
+    """Lightning's FSDP1 precision refuses norm clipping: the module asks the root FSDP module
+    (which reduces the norm over every rank's shard); other strategies keep Lightning's clipping."""
+    import types
+
+    from uio.training.module import UIOLitModule
+
+    module, calls = _small_module(), []
+    FSDPStrategy = type("FSDPStrategy", (), {})  # noqa: N806 - what is_fsdp1 recognises
+    root = types.SimpleNamespace(clip_grad_norm_=lambda v: calls.append(("root", v)))
+    trainer = types.SimpleNamespace(strategy=FSDPStrategy(), model=root)
+    monkeypatch.setattr(UIOLitModule, "trainer", property(lambda self: trainer))
+    monkeypatch.setattr(UIOLitModule, "clip_gradients", lambda self, opt, gradient_clip_val, gradient_clip_algorithm:
+                        calls.append(("lightning", gradient_clip_val, gradient_clip_algorithm)))
+    module.configure_gradient_clipping(None, 1.0, "norm")
+    module.configure_gradient_clipping(None, 0.5, "value")  # by value: FSDP's precision plugin does it
+    trainer.strategy = object()
+    module.configure_gradient_clipping(None, 2.0, "norm")
+    assert calls == [("root", 1.0), ("lightning", 0.5, "value"), ("lightning", 2.0, "norm")]
+
+
 def test_activation_checkpointing_keeps_numbers_and_names():
     from uio.training.strategies import apply_activation_checkpointing
 

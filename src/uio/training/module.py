@@ -193,6 +193,19 @@ class UIOLitModule(pl.LightningModule):
                                 min_ratio=float(o.get("min_ratio", 0.0)), time_progress=self._time_progress)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Global-norm clipping (``trainer.gradient_clip_val``) under every strategy.
+
+        Lightning's FSDP1 precision plugin refuses ``gradient_clip_algorithm='norm'`` (seen on an
+        H100: "not supported for FSDPPrecision"; Lightning issue #19235): each rank holds a shard of
+        the gradients, so the norm must come from the root FSDP module, which reduces it across ranks."""
+        from uio.training.strategies import is_fsdp1
+
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and is_fsdp1(self.trainer.strategy):
+            self.trainer.model.clip_grad_norm_(float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def _time_progress(self) -> float:
         """Fraction of the trainer's time limit (``trainer.max_time``, which ``train.time_budget``
         sets) spent training so far; 0 without one. Lightning's Timer keeps its elapsed time in

@@ -183,6 +183,15 @@ class UIOModelParallelStrategy(ModelParallelStrategy):
                 p.unlink()
 
 
+GPU_PROCESS_GROUP_BACKEND = "cpu:gloo,cuda:nccl"
+
+
+def _on_gpus(accelerator: str) -> bool:
+    """Whether a run with this ``trainer.accelerator`` runs on CUDA devices ("auto": when one is visible)."""
+    a = str(accelerator).lower()
+    return a in ("gpu", "cuda") or (a == "auto" and torch.cuda.is_available())
+
+
 def _check_keys(name: str, spec: Mapping[str, Any]) -> None:
     unknown = sorted(set(spec) - STRATEGY_KEYS[name] - {"name"})
     if unknown:
@@ -213,6 +222,12 @@ def build_strategy(spec: str | Mapping[str, Any] | None, accelerator: str = "aut
         return name
     _check_keys(name, spec)
     opts = {k: v for k, v in spec.items() if k != "name" and v is not None}
+    if "process_group_backend" not in opts and _on_gpus(accelerator):
+        # NCCL alone cannot reduce CPU tensors, and the validation metrics keep their states on the
+        # CPU (they hold strings, boxes and masks): torchmetrics' gather then fails with "No backend
+        # type associated with device type cpu" (seen on an H100 with fsdp and fsdp2). One process
+        # group with a backend per device type: gloo for CPU tensors, NCCL for CUDA tensors.
+        opts["process_group_backend"] = GPU_PROCESS_GROUP_BACKEND
     if name in ("ddp", "ddp_spawn"):
         return DDPStrategy(start_method="spawn" if name == "ddp_spawn" else "popen", **opts)
     if name == "fsdp2":
