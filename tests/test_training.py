@@ -51,6 +51,34 @@ def test_cosine_follows_steps_or_time_whichever_is_further():
     assert cosine_schedule(1000)(499) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+def test_wsd_holds_the_rate_then_decays_linearly():
+    """Warm-up, stable, decay: full rate until the last decay_fraction of steps or time, then linear."""
+    from uio.training.optim import wsd_schedule
+
+    f = wsd_schedule(1000, warmup_steps=10, min_ratio=0.1, decay_fraction=0.2)
+    assert f(4) == pytest.approx(0.5) and f(9) == pytest.approx(1.0)
+    assert f(10) == f(500) == f(799) == pytest.approx(1.0)  # stable until 80% of the steps after warm-up
+    assert f(899) == pytest.approx(1.0 - 0.9 * (890 / 990 - 0.8) / 0.2)
+    assert f(999) == pytest.approx(0.1) and f(5000) == pytest.approx(0.1)
+    spent = [0.9]  # a time budget further along than the steps drives the decay
+    g = wsd_schedule(1000, decay_fraction=0.2, time_progress=lambda: spent[0])
+    assert g(0) == pytest.approx(0.5)
+    spent[0] = 1.0
+    assert g(0) == pytest.approx(0.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, "wsd", total_steps=10, decay_fraction=0.5)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == [1.0] * 5 and lrs[5] < 1.0 and lrs == sorted(lrs, reverse=True)
+    with pytest.raises(ValueError, match="decay_fraction must be in"):
+        wsd_schedule(100, decay_fraction=0.0)
+    with pytest.raises(ValueError, match="wsd schedule needs total_steps"):
+        build_scheduler(opt, "wsd")
+
+
 def _reference_adafactor_step(p, g, state, k, lr=1e-2, beta1=0.9, decay=0.8, eps1=1e-30, eps2=1e-3, d=1.0):
     """Adafactor written out for one (R, C) matrix in float64, from the paper's algorithm."""
     beta2 = 1 - k ** -decay

@@ -33,7 +33,7 @@ SCHEMA: dict[str, set[str] | None] = {
     "trainer": None,  # checked against lightning.Trainer's signature in trainer_kwargs()
     "callbacks": None, "logger": None,
     "optim": {"name", "lr", "weight_decay", "schedule", "constant_steps", "warmup_steps", "min_ratio",
-              "betas", "eps", "adafactor"},
+              "decay_fraction", "betas", "eps", "adafactor"},
     "paths": {"runs_root", "run_dir"},
     "train": {"num_patches", "activation_checkpointing", "compile", "export", "export_dir", "log_group_losses",
               "step_seed", "group_rows", "loss_normalization", "time_budget", "time_reserve"},

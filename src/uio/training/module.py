@@ -190,7 +190,8 @@ class UIOLitModule(pl.LightningModule):
         total = self.hparams.max_steps if self.hparams.max_steps and self.hparams.max_steps > 0 else None
         sched = build_scheduler(opt, o.get("schedule", "rsqrt"), constant_steps=int(o.get("constant_steps", 10_000)),
                                 warmup_steps=int(o.get("warmup_steps", 0)), total_steps=total,
-                                min_ratio=float(o.get("min_ratio", 0.0)), time_progress=self._time_progress)
+                                min_ratio=float(o.get("min_ratio", 0.0)), time_progress=self._time_progress,
+                                decay_fraction=float(o.get("decay_fraction", 0.2)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

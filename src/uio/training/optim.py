@@ -172,6 +172,32 @@ def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 
     return factor
 
 
+def wsd_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0, decay_fraction: float = 0.2,
+                 time_progress: Callable[[], float] | None = None) -> Callable[[int], float]:
+    """Warm-up, stable, decay: linear warm-up, the full rate, then a linear decay to ``min_ratio``
+    over the last ``decay_fraction`` of the run (MiniCPM, Hu et al. 2024; Hägele et al. 2024).
+
+    Progress is measured as in :func:`cosine_schedule`: steps or ``time_progress``, whichever is
+    further along. Against cosine it keeps the full rate for longer, which matters for what a short
+    run learns late."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1 for a wsd schedule, got {total_steps}")
+    if not 0.0 < decay_fraction <= 1.0:
+        raise ValueError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
+
+    def factor(step: int) -> float:
+        k = step + 1
+        if warmup_steps and k <= warmup_steps:
+            return k / warmup_steps
+        t = min(1.0, (k - warmup_steps) / max(1, total_steps - warmup_steps))
+        if time_progress is not None:
+            t = min(1.0, max(t, float(time_progress())))
+        decayed = max(0.0, t - (1.0 - decay_fraction)) / decay_fraction
+        return 1.0 - (1.0 - min_ratio) * decayed
+
+    return factor
+
+
 def constant_schedule(warmup_steps: int = 0) -> Callable[[int], float]:
     def factor(step: int) -> float:
         return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
@@ -194,7 +220,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 OPTIMIZERS = ("adafactor", "adamw")
-SCHEDULES = ("rsqrt", "cosine", "constant")
+SCHEDULES = ("rsqrt", "cosine", "wsd", "constant")
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
@@ -213,8 +239,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, *, constant_steps: int = 10_000,
                     warmup_steps: int = 0, total_steps: int | None = None,
-                    min_ratio: float = 0.0, time_progress: Callable[[], float] | None = None
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
+                    min_ratio: float = 0.0, time_progress: Callable[[], float] | None = None,
+                    decay_fraction: float = 0.2) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step ``LambdaLR``; ``name`` in :data:`SCHEDULES` (``time_progress``: see
     :func:`cosine_schedule`; the other schedules depend on the step only)."""
     if name == "rsqrt":
@@ -223,6 +249,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, *, constant_ste
         if total_steps is None or total_steps < 1:
             raise ValueError(f"the cosine schedule needs total_steps >= 1 (trainer.max_steps), got {total_steps}")
         fn = cosine_schedule(total_steps, warmup_steps, min_ratio, time_progress)
+    elif name == "wsd":
+        if total_steps is None or total_steps < 1:
+            raise ValueError(f"the wsd schedule needs total_steps >= 1 (trainer.max_steps), got {total_steps}")
+        fn = wsd_schedule(total_steps, warmup_steps, min_ratio, decay_fraction, time_progress)
     elif name == "constant":
         fn = constant_schedule(warmup_steps)
     else:
