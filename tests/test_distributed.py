@@ -47,7 +47,7 @@ def test_fsdp2_on_cpu_sharded_checkpoint_export_and_resume(toy_root, text_tokeni
     from uio.model import Model
 
     run_dir = tmp_path / "fsdp2"
-    # min_ratio: tiny_multitask's cosine reaches 0 at max_steps, so the resumed steps 2-3 of a run
+    # min_ratio: tiny_multitask's schedule reaches 0 at max_steps, so the resumed steps 2-3 of a run
     # first stopped at max_steps=2 would otherwise train at learning rate 0 and change nothing
     base = tiny_overrides(toy_root, text_tokenizer.model_file.parent, run_dir, "trainer=fsdp2",
                           "trainer.accelerator=cpu", "trainer.devices=2", "optim.min_ratio=0.5")
