@@ -150,6 +150,15 @@ def rsqrt_schedule(constant_steps: int = 10_000, warmup_steps: int = 0) -> Calla
     return factor
 
 
+def _progress(k: int, total_steps: int, warmup_steps: int, time_progress: Callable[[], float] | None) -> float:
+    """How far past warm-up a run is at step ``k`` (1-based), in [0, 1]: the step fraction, or the
+    time fraction when a time limit is further along."""
+    t = min(1.0, (k - warmup_steps) / max(1, total_steps - warmup_steps))
+    if time_progress is not None:
+        t = min(1.0, max(t, float(time_progress())))
+    return t
+
+
 def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0,
                     time_progress: Callable[[], float] | None = None) -> Callable[[int], float]:
     """Linear warm-up then cosine decay to ``min_ratio`` at ``total_steps``.
@@ -164,9 +173,7 @@ def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 
         k = step + 1
         if warmup_steps and k <= warmup_steps:
             return k / warmup_steps
-        t = min(1.0, (k - warmup_steps) / max(1, total_steps - warmup_steps))
-        if time_progress is not None:
-            t = min(1.0, max(t, float(time_progress())))
+        t = _progress(k, total_steps, warmup_steps, time_progress)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
     return factor
@@ -189,9 +196,7 @@ def wsd_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
         k = step + 1
         if warmup_steps and k <= warmup_steps:
             return k / warmup_steps
-        t = min(1.0, (k - warmup_steps) / max(1, total_steps - warmup_steps))
-        if time_progress is not None:
-            t = min(1.0, max(t, float(time_progress())))
+        t = _progress(k, total_steps, warmup_steps, time_progress)
         decayed = max(0.0, t - (1.0 - decay_fraction)) / decay_fraction
         return 1.0 - (1.0 - min_ratio) * decayed
 
