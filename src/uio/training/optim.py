@@ -150,13 +150,21 @@ def rsqrt_schedule(constant_steps: int = 10_000, warmup_steps: int = 0) -> Calla
     return factor
 
 
-def _progress(k: int, total_steps: int, warmup_steps: int, time_progress: Callable[[], float] | None) -> float:
-    """How far past warm-up a run is at step ``k`` (1-based), in [0, 1]: the step fraction, or the
-    time fraction when a time limit is further along."""
-    t = min(1.0, (k - warmup_steps) / max(1, total_steps - warmup_steps))
-    if time_progress is not None:
-        t = min(1.0, max(t, float(time_progress())))
-    return t
+def _decay_schedule(total_steps: int, warmup_steps: int, time_progress: Callable[[], float] | None,
+                    shape: Callable[[float], float]) -> Callable[[int], float]:
+    """Linear warm-up, then ``shape(t)`` of the progress ``t`` in [0, 1] past warm-up: the step
+    fraction, or the time fraction when a time limit is further along."""
+
+    def factor(step: int) -> float:
+        k = step + 1
+        if warmup_steps and k <= warmup_steps:
+            return k / warmup_steps
+        t = min(1.0, (k - warmup_steps) / max(1, total_steps - warmup_steps))
+        if time_progress is not None:
+            t = min(1.0, max(t, float(time_progress())))
+        return shape(t)
+
+    return factor
 
 
 def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0,
@@ -169,14 +177,8 @@ def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1 for a cosine schedule, got {total_steps}")
 
-    def factor(step: int) -> float:
-        k = step + 1
-        if warmup_steps and k <= warmup_steps:
-            return k / warmup_steps
-        t = _progress(k, total_steps, warmup_steps, time_progress)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return factor
+    return _decay_schedule(total_steps, warmup_steps, time_progress,
+                           lambda t: min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def wsd_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0, decay_fraction: float = 0.2,
@@ -192,15 +194,8 @@ def wsd_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
     if not 0.0 < decay_fraction <= 1.0:
         raise ValueError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
 
-    def factor(step: int) -> float:
-        k = step + 1
-        if warmup_steps and k <= warmup_steps:
-            return k / warmup_steps
-        t = _progress(k, total_steps, warmup_steps, time_progress)
-        decayed = max(0.0, t - (1.0 - decay_fraction)) / decay_fraction
-        return 1.0 - (1.0 - min_ratio) * decayed
-
-    return factor
+    return _decay_schedule(total_steps, warmup_steps, time_progress,
+                           lambda t: 1.0 - (1.0 - min_ratio) * max(0.0, t - (1.0 - decay_fraction)) / decay_fraction)
 
 
 def constant_schedule(warmup_steps: int = 0) -> Callable[[int], float]:
