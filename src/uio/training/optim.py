@@ -245,14 +245,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, *, constant_ste
     :func:`cosine_schedule`; the other schedules depend on the step only)."""
     if name == "rsqrt":
         fn = rsqrt_schedule(constant_steps, warmup_steps)
-    elif name == "cosine":
+    elif name in ("cosine", "wsd"):
         if total_steps is None or total_steps < 1:
-            raise ValueError(f"the cosine schedule needs total_steps >= 1 (trainer.max_steps), got {total_steps}")
-        fn = cosine_schedule(total_steps, warmup_steps, min_ratio, time_progress)
-    elif name == "wsd":
-        if total_steps is None or total_steps < 1:
-            raise ValueError(f"the wsd schedule needs total_steps >= 1 (trainer.max_steps), got {total_steps}")
-        fn = wsd_schedule(total_steps, warmup_steps, min_ratio, decay_fraction, time_progress)
+            raise ValueError(f"the {name} schedule needs total_steps >= 1 (trainer.max_steps), got {total_steps}")
+        fn = cosine_schedule(total_steps, warmup_steps, min_ratio, time_progress) if name == "cosine" else \
+            wsd_schedule(total_steps, warmup_steps, min_ratio, decay_fraction, time_progress)
     elif name == "constant":
         fn = constant_schedule(warmup_steps)
     else:
