@@ -583,6 +583,53 @@ def test_grouped_rows_give_the_same_loss_and_gradients():
         model(batch, group_rows=True, return_logits=True)
 
 
+def test_location_label_smoothing():
+    """loc_sigma > 0: each location target's loss is the cross-entropy against a Gaussian over the
+    bins around it (under the text slots' softmax), the other targets are unchanged, the grouped
+    path agrees, a vanishing sigma is the one-hot loss, bad sigmas are refused."""
+    torch.manual_seed(0)
+    model = Model(tiny_config())
+    cfg, v = model.config, model.config.vocab
+    batch = make_batch(cfg, b=3, seed=5)
+    tt = batch["text_targets"]
+    tt[0, :4] = torch.tensor([v.loc_id(10), v.loc_id(500), v.loc_id(0), v.loc_id(999)])  # bins at the ends too
+    tt[2, 1] = v.loc_id(250)
+    plain = model(batch, return_logits=True)
+    sigma = 4.0
+    smooth = model(batch, loc_sigma=sigma)
+    # by hand from the masked logits: log-softmax over the text ids, bins ordered b = loc_end - 1 - id
+    logp = torch.log_softmax(plain.logits[:, : tt.shape[1], : v.text_vocab_size], -1)
+    bins = torch.arange(v.num_loc_bins, dtype=torch.float32)
+    expected_rows = []
+    for r in range(3):
+        total = 0.0
+        for j in range(tt.shape[1]):
+            t = int(tt[r, j])
+            if t == 0:
+                continue
+            if v.is_loc(t):
+                q = torch.exp(-0.5 * ((bins - v.loc_bin(t)) / sigma) ** 2) * ((bins - v.loc_bin(t)).abs() <= 3 * sigma)
+                q = q / q.sum()
+                total += -(q * logp[r, j, v.loc_end - 1 - bins.long()]).sum()
+            else:
+                total += -logp[r, j, t]
+        expected_rows.append(total)
+    rows_with_image = batch["image_target_masks"].sum(1)
+    n_tokens = (tt != 0).sum(1) + rows_with_image
+    image_part = plain.per_example_loss * plain.per_example_tokens - torch.stack(
+        [-(logp[r][(tt[r] != 0)].gather(-1, tt[r][tt[r] != 0][:, None])).sum() for r in range(3)])
+    torch.testing.assert_close(smooth.per_example_loss, (torch.stack(expected_rows) + image_part) / n_tokens,
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(smooth.image_loss, plain.image_loss)
+    assert smooth.text_loss > plain.text_loss - 1e-6  # the Gaussian's entropy is a floor on those tokens
+    grouped = model(batch, loc_sigma=sigma, group_rows=True)
+    torch.testing.assert_close(grouped.per_example_loss, smooth.per_example_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(batch, loc_sigma=1e-3).loss, plain.loss)  # one-hot again
+    for bad in (-1, float("nan"), float("inf"), "4", True):
+        with pytest.raises(ValueError, match="loc_label_sigma"):
+            model(batch, loc_sigma=bad)
+
+
 def test_relative_tables_stay_bounded():
     rp = RelativePositionBiases(num_heads=2)
     rp.reset_parameters()

@@ -99,6 +99,32 @@ def _layout_subbatch(b: Mapping[str, Any], rows: torch.Tensor) -> dict[str, Any]
     return sub
 
 
+def check_loc_sigma(sigma: Any) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0 or sigma == float("inf"):
+        raise ValueError(f"loc_sigma (train.loc_label_sigma) must be a finite number of location bins >= 0 "
+                         f"(0: one-hot targets), got {sigma!r}")
+    return float(sigma)
+
+
+def location_soft_nll(network: "UnifiedIONetwork", hidden: torch.Tensor, targets: torch.Tensor,
+                      sigma: float) -> torch.Tensor:
+    """Cross-entropy of text-slot hidden states (N, d) against a Gaussian over the location bins
+    around each target bin (``targets``: location ids), standard deviation ``sigma`` bins, cut at 3
+    sigma and renormalised. The softmax is the text slots' own (every text id), so probability put on
+    non-location ids still costs. A one-hot location target says a box edge one bin off is as wrong
+    as one across the image; with this target the nearby bins share the credit, the gradient says
+    which way to move, and the argmax stays on the true bin. (Not in the paper, whose loss is the
+    plain token cross-entropy; an option of this project's training, off by default.)"""
+    vocab = network.vocab
+    logp = torch.log_softmax(network.logits(hidden, "text"), dim=-1)  # (N, text), float32
+    logp_bins = logp[:, vocab.loc_start : vocab.loc_end].flip(-1)  # column b = bin b (ids are reversed)
+    bins = torch.arange(vocab.num_loc_bins, device=hidden.device, dtype=torch.float32)
+    dist = bins[None, :] - vocab.loc_bin(targets).to(torch.float32)[:, None]  # (N, bins)
+    q = torch.exp(-0.5 * (dist / sigma) ** 2) * (dist.abs() <= 3 * sigma)
+    q = q / q.sum(-1, keepdim=True)
+    return -(q * logp_bins).sum(-1)
+
+
 class Model(InferenceMixin, nn.Module):
     """Network + optional frozen image tokenizer + optional text tokenizer. The task methods
     (``caption``, ``detect``, ``depth``, ...) come from :class:`uio.inference.InferenceMixin`."""
@@ -324,7 +350,8 @@ class Model(InferenceMixin, nn.Module):
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, batch: Mapping, num_patches: int | None = None, return_logits: bool = False,
-                generator: torch.Generator | None = None, group_rows: bool = False) -> ModelOutput:
+                generator: torch.Generator | None = None, group_rows: bool = False,
+                loc_sigma: float = 0.0) -> ModelOutput:
         """Teacher-forced loss on a batch. ``num_patches``: encode a random subset of that many
         visible patches per row (training-time subsampling).
 
@@ -333,10 +360,15 @@ class Model(InferenceMixin, nn.Module):
         the image-target slots and the masked patches of an absent image, and the text is padded to
         the group's longest row, not the batch's. Every row's computation is the same as in the
         whole batch (positions and biases do not depend on the padding), so the loss is the same
-        up to float rounding; only the work is smaller. Not with ``return_logits``."""
+        up to float rounding; only the work is smaller. Not with ``return_logits``.
+
+        ``loc_sigma > 0`` (training only, ``train.loc_label_sigma``): a location target's loss is the
+        cross-entropy against a Gaussian over the location bins (standard deviation ``loc_sigma``
+        bins, cut at 3 sigma) instead of the one-hot bin, see :func:`location_soft_nll`."""
         b = self._check_batch(batch, targets=True)
+        loc_sigma = check_loc_sigma(loc_sigma)
         if not group_rows:
-            return self._output(*self._token_losses(b, num_patches, generator, return_logits))
+            return self._output(*self._token_losses(b, num_patches, generator, return_logits, loc_sigma))
         if return_logits:
             raise ValueError("group_rows=True returns no logits (the groups have different lengths)")
         bsz = b["text_inputs"].shape[0]
@@ -345,7 +377,8 @@ class Model(InferenceMixin, nn.Module):
         text_sum = image_sum = row_sum.new_zeros(())
         n_text = n_image = per_row.new_zeros(())
         for rows in layout_groups(b):
-            ts, nt, is_, ni, rs, pr, _ = self._token_losses(_layout_subbatch(b, rows), num_patches, generator, False)
+            ts, nt, is_, ni, rs, pr, _ = self._token_losses(_layout_subbatch(b, rows), num_patches, generator, False,
+                                                            loc_sigma)
             text_sum, n_text, image_sum, n_image = text_sum + ts, n_text + nt, image_sum + is_, n_image + ni
             row_sum = row_sum.index_put((rows,), rs)
             per_row = per_row.index_put((rows,), pr)
@@ -361,7 +394,7 @@ class Model(InferenceMixin, nn.Module):
             num_text_tokens=n_text, num_image_tokens=n_image, per_example_tokens=per_row, logits=logits)
 
     def _token_losses(self, b: Mapping[str, Any], num_patches: int | None, generator: torch.Generator | None,
-                      return_logits: bool):
+                      return_logits: bool, loc_sigma: float = 0.0):
         """Sums of the token negative log-likelihoods of a validated batch: (text sum, text count,
         image sum, image count, per-row sums (B,), per-row counts (B,), masked logits or None)."""
         net, vocab = self.network, self.vocab
@@ -384,6 +417,11 @@ class Model(InferenceMixin, nn.Module):
         vt = valid[0]
         nll_text = torch.zeros(bsz, ld, dtype=torch.float32, device=ids.device).masked_scatter(
             vt, -token_log_probs(net, hidden[:, :ld][vt], tt[vt], "text"))
+        if loc_sigma > 0:
+            at_loc = vt & vocab.is_loc(tt)
+            if bool(at_loc.any()):
+                nll_text = nll_text.masked_scatter(
+                    at_loc, location_soft_nll(net, hidden[:, :ld][at_loc], tt[at_loc], loc_sigma))
         n_text = vt.sum()
         text_sum = nll_text.sum()
         row_sum = nll_text.sum(1)

@@ -36,7 +36,8 @@ SCHEMA: dict[str, set[str] | None] = {
               "decay_fraction", "betas", "eps", "adafactor"},
     "paths": {"runs_root", "run_dir"},
     "train": {"num_patches", "activation_checkpointing", "compile", "export", "export_dir", "log_group_losses",
-              "step_seed", "group_rows", "loss_normalization", "time_budget", "time_reserve"},
+              "step_seed", "group_rows", "loss_normalization", "loc_label_sigma", "time_budget",
+              "time_reserve"},
     "val": {"enabled", "max_text_len", "num_beams", "image_output"},
     "artefacts": {"image_tokenizer_recipe", "image_tokenizer_overrides"},
 }

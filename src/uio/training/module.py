@@ -96,7 +96,8 @@ class UIOLitModule(pl.LightningModule):
             validation decoding and for the exported model); None to train without one.
         optim: the ``optim`` config section (see ``conf/optim/*.yaml``).
         train: the ``train`` section: ``num_patches``, ``activation_checkpointing``, ``compile``,
-            ``log_group_losses``, ``step_seed``.
+            ``log_group_losses``, ``step_seed``, ``group_rows``, ``loss_normalization``,
+            ``loc_label_sigma`` (training only: validation losses stay the plain cross-entropy).
         val: the ``val`` section: ``enabled``, ``tasks``, ``max_text_len``, ``num_beams``, ``image_output``.
         init_from: a ``uio.Model.save_pretrained`` directory whose weights initialise the network.
         seed: run seed (patch subsampling is seeded by (seed, step, rank)).
@@ -111,10 +112,13 @@ class UIOLitModule(pl.LightningModule):
         self.optim_cfg = dict(optim or {"name": "adafactor", "lr": 1e-2})
         self.train_cfg = {"num_patches": None, "activation_checkpointing": False, "compile": False,
                           "log_group_losses": True, "step_seed": True, "group_rows": True,
-                          "loss_normalization": "tokens", **(train or {})}
+                          "loss_normalization": "tokens", "loc_label_sigma": 0.0, **(train or {})}
         if self.train_cfg["loss_normalization"] not in LOSS_NORMALIZATIONS:
             raise ValueError(f"train.loss_normalization must be one of {LOSS_NORMALIZATIONS}, "
                              f"got {self.train_cfg['loss_normalization']!r}")
+        from uio.model import check_loc_sigma
+
+        self.train_cfg["loc_label_sigma"] = check_loc_sigma(self.train_cfg["loc_label_sigma"])
         self.val_cfg = {"enabled": True, "max_text_len": None, "num_beams": None,
                         "image_output": True, **(val or {})}
         self.model = self._build_model(model, image_tokenizer, text_tokenizer, init_from)
@@ -232,7 +236,8 @@ class UIOLitModule(pl.LightningModule):
         # image would skip the patch projection while another rank uses it, and the gradient
         # all-reduce then waits for a bucket that never fills (measured: the DDP test hung).
         group = bool(self.train_cfg["group_rows"]) and self.trainer.world_size == 1
-        out = self.model(self.model.tokenize_image_targets(batch), num_patches=n, generator=gen, group_rows=group)
+        out = self.model(self.model.tokenize_image_targets(batch), num_patches=n, generator=gen, group_rows=group,
+                         loc_sigma=self.train_cfg["loc_label_sigma"])
         bsz = len(batch["tasks"])
         out.loss = training_loss(out, self.train_cfg["loss_normalization"])
         loss = out.loss.detach().float()
