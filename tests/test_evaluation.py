@@ -252,6 +252,7 @@ def test_eval_cli_writes_report_and_predictions(world, model_dir, tmp_path, caps
     seg_rec = json.loads((pred / "object_segmentation" / "predictions.jsonl").read_text().splitlines()[0])
     seg = np.asarray(Image.open(pred / "object_segmentation" / seg_rec["file"]))
     assert seg.shape == (48, 48) and seg.max() <= seg_rec["num_instances"]
+    assert len(seg_rec["colors"]) == seg_rec["num_instances"] and isinstance(seg_rec["prediction"], str)
     page = (pred / "vqa" / "index.html").read_text()
     assert "<table>" in page and page.count("<tr>") == 1 + 3
     assert all((pred / "vqa" / src).is_file() for src in re.findall(r'src="([^"]+)"', page))

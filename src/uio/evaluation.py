@@ -675,6 +675,8 @@ def save_predictions(out_dir: str | Path, result: TaskEvaluation, num_html: int 
                 _png(d / "masks" / f"{stem}.png", index)
                 rec["file"] = f"masks/{stem}.png"
             rec["num_instances"] = len(masks)
+            if pred.get("colors") is not None:
+                rec["colors"] = list(pred["colors"])  # colour of each instance in the mask PNG (1, 2, ...)
         if "image" in pred and isinstance(pred["image"], np.ndarray):
             _png(d / "images" / f"{stem}.png", np.asarray(pred["image"], dtype=np.uint8))
             rec["file"] = f"images/{stem}.png"

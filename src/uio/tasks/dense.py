@@ -54,11 +54,12 @@ class ObjectSegmentationTask(Task):
     def _decode(self, ids, image, meta, processor: Processor):
         hw = meta_hw(meta, "target_hw") or meta_hw(meta)
         img = processor.output_image(image, hw, mode="nearest")
+        text = processor.decode_text(ids)  # the colours the model named (kept in saved predictions)
         if img is None:
-            return {"masks": [], "colors": []}
-        named = colors_in_text(processor.decode_text(ids))
+            return {"masks": [], "colors": [], "text": text}
+        named = colors_in_text(text)
         found = masks_from_colors(to_uint8(img), named or None)
-        return {"masks": [m for _, m in found], "colors": [c for c, _ in found]}
+        return {"masks": [m for _, m in found], "colors": [c for c, _ in found], "text": text}
 
 
 class DepthTask(Task):
