@@ -614,8 +614,8 @@ def test_location_label_smoothing():
             else:
                 total += -logp[r, j, t]
         expected_rows.append(total)
-    rows_with_image = batch["image_target_masks"].sum(1)
-    n_tokens = (tt != 0).sum(1) + rows_with_image
+    image_tokens = batch["image_target_masks"].sum(1)  # per row
+    n_tokens = (tt != 0).sum(1) + image_tokens
     image_part = plain.per_example_loss * plain.per_example_tokens - torch.stack(
         [-(logp[r][(tt[r] != 0)].gather(-1, tt[r][tt[r] != 0][:, None])).sum() for r in range(3)])
     torch.testing.assert_close(smooth.per_example_loss, (torch.stack(expected_rows) + image_part) / n_tokens,
