@@ -415,13 +415,12 @@ class Model(InferenceMixin, nn.Module):
 
         # per-token negative log-likelihoods, only at valid targets (text: text ids, image: codes)
         vt = valid[0]
+        soft = vt & vocab.is_loc(tt) if loc_sigma > 0 else None  # location targets scored by location_soft_nll
+        hard = vt if soft is None else vt & ~soft
         nll_text = torch.zeros(bsz, ld, dtype=torch.float32, device=ids.device).masked_scatter(
-            vt, -token_log_probs(net, hidden[:, :ld][vt], tt[vt], "text"))
-        if loc_sigma > 0:
-            at_loc = vt & vocab.is_loc(tt)
-            if bool(at_loc.any()):
-                nll_text = nll_text.masked_scatter(
-                    at_loc, location_soft_nll(net, hidden[:, :ld][at_loc], tt[at_loc], loc_sigma))
+            hard, -token_log_probs(net, hidden[:, :ld][hard], tt[hard], "text"))
+        if soft is not None and bool(soft.any()):
+            nll_text = nll_text.masked_scatter(soft, location_soft_nll(net, hidden[:, :ld][soft], tt[soft], loc_sigma))
         n_text = vt.sum()
         text_sum = nll_text.sum()
         row_sum = nll_text.sum(1)

@@ -150,10 +150,12 @@ def rsqrt_schedule(constant_steps: int = 10_000, warmup_steps: int = 0) -> Calla
     return factor
 
 
-def _decay_schedule(total_steps: int, warmup_steps: int, time_progress: Callable[[], float] | None,
+def _decay_schedule(name: str, total_steps: int, warmup_steps: int, time_progress: Callable[[], float] | None,
                     shape: Callable[[float], float]) -> Callable[[int], float]:
     """Linear warm-up, then ``shape(t)`` of the progress ``t`` in [0, 1] past warm-up: the step
     fraction, or the time fraction when a time limit is further along."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1 for a {name} schedule, got {total_steps}")
 
     def factor(step: int) -> float:
         k = step + 1
@@ -174,10 +176,7 @@ def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 
     ``time_progress``: the fraction of a time limit already spent (0..1). The decay then follows
     whichever is further along, steps or time, so a run that a time budget stops early still ends
     with a decayed learning rate instead of being cut off at a high one."""
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1 for a cosine schedule, got {total_steps}")
-
-    return _decay_schedule(total_steps, warmup_steps, time_progress,
+    return _decay_schedule("cosine", total_steps, warmup_steps, time_progress,
                            lambda t: min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -189,12 +188,10 @@ def wsd_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
     Progress is measured as in :func:`cosine_schedule`: steps or ``time_progress``, whichever is
     further along. Against cosine it keeps the full rate for longer, which matters for what a short
     run learns late."""
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1 for a wsd schedule, got {total_steps}")
     if not 0.0 < decay_fraction <= 1.0:
         raise ValueError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
 
-    return _decay_schedule(total_steps, warmup_steps, time_progress,
+    return _decay_schedule("wsd", total_steps, warmup_steps, time_progress,
                            lambda t: 1.0 - (1.0 - min_ratio) * max(0.0, t - (1.0 - decay_fraction)) / decay_fraction)
 
 
