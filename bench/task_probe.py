@@ -1,6 +1,6 @@
 """Train a fresh model on a few tasks for a few hundred steps and ask whether it learnt to look.
 
-A learning-dynamics probe (README, Results), not a speed benchmark. It composes the same
+A learning-dynamics probe (docs/results-toyworld-v2.md), not a speed benchmark. It composes the same
 Hydra config as ``uio-train`` (``+experiment=tiny_multitask`` unless overridden), builds the
 library's data module and model, and trains them in a plain loop: bf16 autocast, global-norm
 clipping 1.0, ``uio-train``'s linear warm-up and cosine schedule, down to 10% of the learning rate. Then it prints:
