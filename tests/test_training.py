@@ -499,6 +499,30 @@ def test_compiled_blocks_match_eager():
     b.backward()
 
 
+def test_cpu_step_bench_times_every_phase(toy_root, text_tokenizer, tmp_path):
+    """bench/cpu_step.py: the module's step pieces timed phase by phase; the shares add up."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import cpu_step
+
+    overrides = tiny_overrides(toy_root, text_tokenizer.model_file.parent, tmp_path / "run")
+    out = cpu_step.main(["--steps", "2", "--warmup", "1", "--threads", "1", "--json", str(tmp_path / "r.json"),
+                         *overrides])
+    assert out["batch_size"] == 4 and out["threads"] == 1 and out["steps"] == 2
+    assert list(out["phases"]) == list(cpu_step.PHASES)
+    assert all(r["median_s"] >= 0 and r["mean_s"] >= 0 for r in out["phases"].values())
+    assert out["phases"]["forward"]["mean_s"] > 0 and out["phases"]["backward"]["mean_s"] > 0
+    assert sum(r["share"] for r in out["phases"].values()) == pytest.approx(1.0)
+    assert json.loads((tmp_path / "r.json").read_text())["median_step_s"] == pytest.approx(out["median_step_s"])
+    with pytest.raises(SystemExit):
+        cpu_step.main(["--steps", "0", *overrides])
+    with pytest.raises(SystemExit):
+        cpu_step.main(["not-an-override"])
+
+
 def test_task_probe_trains_then_scores_against_baselines(toy_root, text_tokenizer, tmp_path):
     """bench/task_probe.py: a few steps on two tasks, then uio-eval's table with image use."""
     import sys
