@@ -136,6 +136,26 @@ def _parts_ids(urls, rank, world, workers):
     return [ex["id"] for ex in loader]
 
 
+def test_write_encoded_stores_the_same_bytes_as_write(tmp_path):
+    """Examples serialised elsewhere (the toy world's worker processes) land byte for byte as
+    ``write`` would store them; anything but encode_example's output is refused."""
+    rng = np.random.default_rng(1)
+    exs = [_example(i, rng) for i in range(5)]
+    S.write_examples(exs, tmp_path / "a", "detection", "unit", "train", maxcount=2)
+    with S.ShardWriter(tmp_path / "b", "detection", "unit", "train", maxcount=2) as w:
+        for ex in exs:
+            w.write_encoded(S.encode_example(ex))
+    for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar"):
+        assert (tmp_path / "a/detection/unit" / name).read_bytes() == (tmp_path / "b/detection/unit" / name).read_bytes()
+    w = S.ShardWriter(tmp_path / "c", "detection", "unit", "train")
+    for bad in ({}, {"image.png": b"x"}, {"json": "{}"}, exs[0]):
+        with pytest.raises(ValueError, match="encode_example"):
+            w.write_encoded(bad)
+    w.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        w.write_encoded(S.encode_example(exs[0]))
+
+
 @pytest.mark.parametrize("num_shards", [6, 3])  # >= and < ranks * workers
 def test_exactly_once_across_ranks_and_workers(tmp_path, num_shards):
     n = num_shards * 4 - 1  # the last shard is one short

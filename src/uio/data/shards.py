@@ -51,7 +51,7 @@ import tarfile
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -446,7 +446,16 @@ class ShardWriter:
         """Serialise one raw example (see the module docstring) into the current shard."""
         if self.manifest is not None:
             raise RuntimeError("ShardWriter is closed")
-        members = encode_example(example, **self.encode_kw)
+        self.write_encoded(encode_example(example, **self.encode_kw))
+
+    def write_encoded(self, members: Mapping[str, bytes]) -> None:
+        """Store one example that :func:`encode_example` already serialised (e.g. in a worker
+        process, so that the writing process only adds tar members); the same bytes as
+        :meth:`write` of the raw example with this writer's encoding options."""
+        if self.manifest is not None:
+            raise RuntimeError("ShardWriter is closed")
+        if not members or "json" not in members or not all(isinstance(v, (bytes, bytearray)) for v in members.values()):
+            raise ValueError("write_encoded takes encode_example's output: {member suffix: bytes} with a 'json' member")
         size = sum(len(v) for v in members.values())
         if self._tar is None or self.sizes[-1] >= self.maxcount or (self.sizes[-1] and self._bytes + size > self.maxsize):
             self._roll()

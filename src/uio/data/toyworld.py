@@ -122,8 +122,15 @@ def _span_examples(split: str, limit: int | None) -> Iterator[dict[str, Any]]:
 
 
 def _chunk_worker(job: tuple[int, str, int, int, tuple[int, int], tuple[str, ...]]):
+    """Scenes ``start:stop`` as shard-ready examples: ``{task: [encode_example(...) members]}`` per
+    scene, serialised here (with the shard writer's default options, which the build's writers use)
+    so that the process writing the shards only adds tar members: with many workers it is the one
+    process every example passes through."""
+    from uio.data.shards import encode_example
+
     seed, split, start, stop, image_size, tasks = job
-    return [examples_for_scene(seed, split, i, image_size, tasks, encode=True) for i in range(start, stop)]
+    return [{t: [encode_example(ex) for ex in exs] for t, exs in
+             examples_for_scene(seed, split, i, image_size, tasks, encode=True).items()} for i in range(start, stop)]
 
 
 def tokenizer_images(n: int, size: int | tuple[int, int] = (64, 64), seed: int = 0,
@@ -229,8 +236,8 @@ def build_toyworld(root: str | Path | None = None, num_train_scenes: int = DEFAU
             for chunk in results:
                 for per_task in chunk:
                     for task, exs in per_task.items():
-                        for ex in exs:
-                            writers[task].write(ex)
+                        for members in exs:
+                            writers[task].write_encoded(members)
                     bar.update(1)
             if "span_corruption" in tasks:
                 for ex in _span_examples(split, max_passages):
