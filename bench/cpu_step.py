@@ -85,18 +85,21 @@ def main(argv: list[str] | None = None) -> dict:
         t.append(time.perf_counter())
         return [t[i + 1] - t[i] for i in range(len(PHASES))]
 
+    t0 = time.perf_counter()
     for _ in range(a.warmup):
         step()
+    warmup_s = time.perf_counter() - t0
     times = [step() for _ in range(a.steps)]
     per_phase = {p: [s[i] for s in times] for i, p in enumerate(PHASES)}
     totals = [sum(s) for s in times]
     mean_total = statistics.fmean(totals)
     result = {"batch_size": int(cfg.data.batch_size), "threads": torch.get_num_threads(), "bf16": bf16,
-              "steps": a.steps, "median_step_s": statistics.median(totals), "mean_step_s": mean_total,
+              "steps": a.steps, "warmup_s": warmup_s, "median_step_s": statistics.median(totals), "mean_step_s": mean_total,
               "phases": {p: {"median_s": statistics.median(v), "mean_s": statistics.fmean(v),
                              "share": statistics.fmean(v) / mean_total} for p, v in per_phase.items()}}
     print(f"batch {result['batch_size']}, {result['threads']} thread(s), bf16 autocast {bf16}: "
-          f"median step {result['median_step_s']:.3f} s over {a.steps} steps ({a.warmup} untimed first)")
+          f"median step {result['median_step_s']:.3f} s over {a.steps} steps ({a.warmup} untimed first: "
+          f"{warmup_s:.1f} s)")
     print(f"{'phase':<14} {'median s':>9} {'mean s':>9} {'share':>7}")
     for p, r in result["phases"].items():
         print(f"{p:<14} {r['median_s']:>9.4f} {r['mean_s']:>9.4f} {r['share']:>7.1%}")
