@@ -41,9 +41,16 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"unrecognised arguments {bad}: Hydra overrides look like key=value")
     if a.steps < 1 or a.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
+    threads_before = torch.get_num_threads()
     if a.threads is not None:
         torch.set_num_threads(a.threads)
+    try:
+        return _run(a, overrides)
+    finally:
+        torch.set_num_threads(threads_before)  # a caller (a test) keeps its own setting
 
+
+def _run(a: argparse.Namespace, overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
 
     from uio.cli import conf_dir

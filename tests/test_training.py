@@ -509,9 +509,11 @@ def test_cpu_step_bench_times_every_phase(toy_root, text_tokenizer, tmp_path):
     import cpu_step
 
     overrides = tiny_overrides(toy_root, text_tokenizer.model_file.parent, tmp_path / "run")
+    before = torch.get_num_threads()
     out = cpu_step.main(["--steps", "2", "--warmup", "1", "--threads", "1", "--json", str(tmp_path / "r.json"),
                          *overrides])
     assert out["batch_size"] == 4 and out["threads"] == 1 and out["steps"] == 2 and out["warmup_s"] > 0
+    assert torch.get_num_threads() == before  # restored
     assert list(out["phases"]) == list(cpu_step.PHASES)
     assert all(r["median_s"] >= 0 and r["mean_s"] >= 0 for r in out["phases"].values())
     assert out["phases"]["forward"]["mean_s"] > 0 and out["phases"]["backward"]["mean_s"] > 0
