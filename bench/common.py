@@ -121,3 +121,22 @@ def finish(rows: list[dict], cols: list[str], footer: str, results: list[dict], 
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=1))
     return results
+
+
+def check_overrides(ap: argparse.ArgumentParser, overrides: list[str]) -> None:
+    """Arguments argparse did not know must be Hydra ``key=value`` overrides (else a usage error)."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        ap.error(f"unrecognised arguments {bad}: Hydra overrides look like key=value")
+
+
+def compose_train(overrides: list[str]):
+    """``uio-train``'s composed config for ``overrides``, with ``+experiment=tiny_multitask`` unless
+    they name an experiment."""
+    from hydra import compose, initialize_config_dir
+
+    from uio.cli import conf_dir
+
+    base = [] if any(o.startswith("+experiment=") for o in overrides) else ["+experiment=tiny_multitask"]
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose("train", overrides=base + list(overrides))

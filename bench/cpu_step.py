@@ -24,6 +24,7 @@ import statistics
 import time
 
 import torch
+from common import check_overrides, compose_train
 
 PHASES = ("data", "image_targets", "forward", "backward", "optimizer")
 
@@ -36,9 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile", type=int, default=0, metavar="K", help="also print the top K operators")
     ap.add_argument("--json", default=None, help="write the result here")
     a, overrides = ap.parse_known_args(argv)
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        ap.error(f"unrecognised arguments {bad}: Hydra overrides look like key=value")
+    check_overrides(ap, overrides)
     if a.steps < 1 or a.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     threads_before = torch.get_num_threads()
@@ -51,15 +50,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run(a: argparse.Namespace, overrides: list[str]) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from uio.cli import conf_dir
     from uio.training.module import training_loss
     from uio.training.train import build_components
 
-    base = [] if any(o.startswith("+experiment=") for o in overrides) else ["+experiment=tiny_multitask"]
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=base + list(overrides))
+    cfg = compose_train(overrides)
     torch.manual_seed(int(cfg.seed))
     dm, module, _ = build_components(cfg)
     dm.setup("fit")

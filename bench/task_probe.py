@@ -23,6 +23,7 @@ import argparse
 import time
 
 import torch
+from common import check_overrides, compose_train
 
 from uio.evaluation import evaluate_task, format_table, load_examples, primary_rows
 
@@ -42,21 +43,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", default=None, help="save_pretrained the trained model here")
     a, overrides = ap.parse_known_args(argv)
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        ap.error(f"unrecognised arguments {bad}: Hydra overrides look like key=value")
+    check_overrides(ap, overrides)
     tasks = [t for t in a.tasks.split(",") if t]
 
-    from hydra import compose, initialize_config_dir
-
-    from uio.cli import conf_dir
     from uio.training.optim import build_optimizer, cosine_schedule
     from uio.training.train import build_components
 
-    base = [] if any(o.startswith("+experiment=") for o in overrides) else ["+experiment=tiny_multitask"]
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=base + [f"data.batch_size={a.batch}", f"mixture.tasks=[{','.join(tasks)}]",
-                                                 *overrides])
+    cfg = compose_train([f"data.batch_size={a.batch}", f"mixture.tasks=[{','.join(tasks)}]", *overrides])
     torch.manual_seed(a.seed)
     dm, module, _ = build_components(cfg)
     dm.setup("fit")
